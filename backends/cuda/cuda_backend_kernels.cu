@@ -1,0 +1,322 @@
+// Arch-neutral preprocessing kernels of the CUDA backend (compiled for every path):
+//   kv_stats      per (batch, kv head, token range): channel sums of K and channel maxima of |V|;
+//   quantize_kv   per 64-token tile: K' = K − mean, INT8 per group; V / v_scale -> e4m3, transposed;
+//   quantize_q    per 128-token tile: INT8 per group, scale·log2 e folded into the scale; q·mean(K) for LSE.
+// Exact formulas: docs/NUMERICS.md. Thread layout of every pass: a token row is read by D/8 consecutive
+// threads (8 channels each, one 16-byte load when aligned), 256 / (D/8) rows at a time.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attention_kernel.cuh"  // permuted_key, kLog2E, Granularity, tile sizes
+#include "preprocess.hpp"
+
+namespace sparq::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <bool Bf16>
+__device__ __forceinline__ float to_float(uint16_t bits) {
+  if constexpr (Bf16) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  else return __half2float(__ushort_as_half(bits));
+}
+
+// Eight consecutive channels of one token row as floats.
+template <bool Bf16>
+__device__ __forceinline__ void load8(const InputView& x, int b, int h, int token, int c, float (&out)[8]) {
+  const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
+                        static_cast<int64_t>(token) * x.stride_t + c;
+  if (x.aligned16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = to_float<Bf16>(static_cast<uint16_t>(w[i] & 0xffffu));
+      out[2 * i + 1] = to_float<Bf16>(static_cast<uint16_t>(w[i] >> 16));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_float<Bf16>(row[i]);
+  }
+}
+
+__device__ __forceinline__ int8_t quantize_int8(float x, float step, bool zero) {
+  if (zero) return 0;
+  const float r = rintf(x / step);
+  return static_cast<int8_t>(fminf(fmaxf(r, -127.0f), 127.0f));
+}
+
+// amax of nonnegative floats through their bit patterns (ordered like unsigned ints).
+__device__ __forceinline__ void shared_max(unsigned* slot, float value) { atomicMax(slot, __float_as_uint(value)); }
+
+template <bool Bf16>
+__global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessParams p) {
+  extern __shared__ float stats_smem[];  // [rows][D] sums, then [rows][D] maxima
+  const int D = p.head_dim, lanes = D / 8, rows = kThreads / lanes;
+  const int bh = blockIdx.y, b = bh / p.heads_kv, h = bh % p.heads_kv;
+  const int split = blockIdx.x;
+  const int per_split = (p.tokens_k + p.splits - 1) / p.splits;
+  const int begin = split * per_split, end = min(p.tokens_k, begin + per_split);
+  const int lane_c = threadIdx.x % lanes, lane_r = threadIdx.x / lanes;
+  float sum[8] = {}, vmax[8] = {};
+  if (lane_r < rows) {
+    for (int token = begin + lane_r; token < end; token += rows) {
+      float x[8];
+      if (p.smooth_k) {
+        load8<Bf16>(p.k, b, h, token, lane_c * 8, x);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum[i] += x[i];
+      }
+      if (p.fp8_v) {
+        load8<Bf16>(p.v, b, h, token, lane_c * 8, x);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) vmax[i] = fmaxf(vmax[i], fabsf(x[i]));
+      }
+    }
+    float* sums = stats_smem;
+    float* maxs = stats_smem + rows * D;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      sums[lane_r * D + lane_c * 8 + i] = sum[i];
+      maxs[lane_r * D + lane_c * 8 + i] = vmax[i];
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < D; c += kThreads) {
+    float s = 0.0f, m = 0.0f;
+    for (int r = 0; r < rows; ++r) {
+      s += stats_smem[r * D + c];
+      m = fmaxf(m, stats_smem[rows * D + r * D + c]);
+    }
+    const int64_t at = (static_cast<int64_t>(bh) * p.splits + split) * D + c;
+    p.partial_sum[at] = s;
+    p.partial_vmax[at] = m;
+  }
+}
+
+// The K channel means of kv head bh into shared memory (0 without smoothing).
+__device__ void load_k_mean(const PreprocessParams& p, int bh, float* km) {
+  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+    float s = 0.0f;
+    if (p.smooth_k) {
+      for (int i = 0; i < p.splits; ++i) s += p.partial_sum[(static_cast<int64_t>(bh) * p.splits + i) * p.head_dim + c];
+      s /= static_cast<float>(p.tokens_k);
+    }
+    km[c] = s;
+  }
+}
+
+template <bool Bf16>
+__global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessParams p) {
+  extern __shared__ float kv_smem[];  // km[D], v_scale[D], then the transposed e4m3 tile [D][64]
+  __shared__ unsigned amax_bits[8];
+  const int D = p.head_dim, lanes = D / 8, rows = kThreads / lanes;
+  const int bh = blockIdx.y, b = bh / p.heads_kv, h = bh % p.heads_kv;
+  const int tile = blockIdx.x, token0 = tile * kBlockK;
+  const int lane_c = threadIdx.x % lanes, lane_r = threadIdx.x / lanes;
+  const bool per_thread = p.granularity == static_cast<int>(Granularity::PerThread);
+  float* km = kv_smem;
+  float* vs = kv_smem + D;
+  uint8_t* vt = reinterpret_cast<uint8_t*>(kv_smem + 2 * D);
+
+  load_k_mean(p, bh, km);
+  if (p.fp8_v) {
+    for (int c = threadIdx.x; c < D; c += kThreads) {
+      float m = 0.0f;
+      for (int i = 0; i < p.splits; ++i) m = fmaxf(m, p.partial_vmax[(static_cast<int64_t>(bh) * p.splits + i) * D + c]);
+      vs[c] = m / 448.0f;
+      if (tile == 0) p.v_scale[static_cast<int64_t>(bh) * D + c] = vs[c];
+    }
+  }
+  if (threadIdx.x < 8) amax_bits[threadIdx.x] = 0u;
+  __syncthreads();
+
+  // K: group maxima, then quantize.
+  if (lane_r < rows) {
+    for (int r = lane_r; r < kBlockK; r += rows) {
+      const int token = token0 + r;
+      if (token >= p.tokens_k) break;
+      float x[8];
+      load8<Bf16>(p.k, b, h, token, lane_c * 8, x);
+      float m = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i] - km[lane_c * 8 + i]));
+      shared_max(&amax_bits[per_thread ? r % 8 : 0], m);
+    }
+  }
+  __syncthreads();
+  if (lane_r < rows) {
+    for (int r = lane_r; r < kBlockK; r += rows) {
+      const int token = token0 + r;
+      if (token >= p.tokens_k) break;
+      const float amax = __uint_as_float(amax_bits[per_thread ? r % 8 : 0]);
+      const float step = amax / 127.0f;
+      float x[8];
+      load8<Bf16>(p.k, b, h, token, lane_c * 8, x);
+      uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int8_t q = quantize_int8(x[i] - km[lane_c * 8 + i], step, amax == 0.0f);
+        packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
+      }
+      *reinterpret_cast<uint2*>(p.k8 + (static_cast<int64_t>(bh) * p.tokens_k + token) * D + lane_c * 8) =
+          make_uint2(packed[0], packed[1]);
+    }
+  }
+  if (threadIdx.x < (per_thread ? 8 : 1)) {
+    const int group = per_thread ? tile * 8 + threadIdx.x : tile;
+    p.k_scale[static_cast<int64_t>(bh) * p.k_groups + group] = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
+  }
+
+  // V: e4m3 of v / v_scale, written transposed with keys permuted inside each 32-key chunk.
+  if (!p.fp8_v) return;
+  if (lane_r < rows) {
+    for (int r = lane_r; r < kBlockK; r += rows) {
+      const int token = token0 + r;
+      const int within = r % 32, hi = (within % 16) / 8, q4 = (within % 8) / 2;
+      const int pos = (r / 32) * 32 + (within / 16) * 16 + q4 * 4 + hi * 2 + within % 2;  // permuted_key⁻¹
+      float x[8] = {};
+      if (token < p.tokens_k) load8<Bf16>(p.v, b, h, token, lane_c * 8, x);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int c = lane_c * 8 + i;
+        uint8_t e = 0;
+        if (token < p.tokens_k && vs[c] > 0.0f)
+          e = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[i] / vs[c], __NV_SATFINITE, __NV_E4M3));
+        vt[c * kBlockK + pos] = e;
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < D * (kBlockK / 16); i += kThreads) {
+    const int c = i / (kBlockK / 16), chunk = i % (kBlockK / 16);
+    *reinterpret_cast<uint4*>(p.v8t + (static_cast<int64_t>(bh) * D + c) * p.vt_stride + token0 + chunk * 16) =
+        *reinterpret_cast<const uint4*>(vt + c * kBlockK + chunk * 16);
+  }
+}
+
+template <bool Bf16>
+__global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessParams p) {
+  extern __shared__ float q_smem[];  // km[D]
+  __shared__ unsigned amax_bits[64];
+  constexpr int kTile = kBlockQ;
+  const int D = p.head_dim, lanes = D / 8, rows = kThreads / lanes;
+  const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int kv_bh = b * p.heads_kv + h / (p.heads_q / p.heads_kv);
+  const int tile = blockIdx.x, token0 = tile * kTile;
+  const int lane_c = threadIdx.x % lanes, lane_r = threadIdx.x / lanes;
+  float* km = q_smem;
+  if (p.want_q_km) load_k_mean(p, kv_bh, km);
+  if (threadIdx.x < 64) amax_bits[threadIdx.x] = 0u;
+  __syncthreads();
+
+  auto local_group = [&](int r) {
+    if (p.granularity == static_cast<int>(Granularity::PerBlock)) return 0;
+    if (p.granularity == static_cast<int>(Granularity::PerWarp)) return r / 16;
+    return (r / 16) * 8 + r % 8;
+  };
+  // Rows are visited as whole passes so that the D/8 threads of a row stay converged for the shuffles.
+  const int passes = (kTile + rows - 1) / rows;
+  for (int pass = 0; pass < passes; ++pass) {
+    const int r = pass * rows + lane_r;
+    const int token = token0 + r;
+    if (lane_r < rows && r < kTile && token < p.tokens_q) {
+      float x[8];
+      load8<Bf16>(p.q, b, h, token, lane_c * 8, x);
+      float m = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i]));
+      shared_max(&amax_bits[local_group(r)], m);
+    }
+  }
+  __syncthreads();
+  for (int pass = 0; pass < passes; ++pass) {
+    const int r = pass * rows + lane_r;
+    const int token = token0 + r;
+    const bool active = lane_r < rows && r < kTile && token < p.tokens_q;
+    float dot = 0.0f;
+    if (active) {
+      const float amax = __uint_as_float(amax_bits[local_group(r)]);
+      const float step = amax / 127.0f;
+      float x[8];
+      load8<Bf16>(p.q, b, h, token, lane_c * 8, x);
+      uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int8_t q = quantize_int8(x[i], step, amax == 0.0f);
+        packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
+        if (p.want_q_km) dot += x[i] * km[lane_c * 8 + i];
+      }
+      *reinterpret_cast<uint2*>(p.q8 + (static_cast<int64_t>(bh) * p.tokens_q + token) * D + lane_c * 8) =
+          make_uint2(packed[0], packed[1]);
+    }
+    if (p.want_q_km) {
+      // lanes of one row are consecutive and aligned to a power of two (lanes = D/8 <= 32)
+      for (int off = 1; off < lanes; off *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (active && lane_c == 0) p.q_km[static_cast<int64_t>(bh) * p.tokens_q + token] = p.scale * dot;
+    }
+  }
+  const int groups_here = p.granularity == static_cast<int>(Granularity::PerBlock) ? 1
+                          : p.granularity == static_cast<int>(Granularity::PerWarp) ? 8 : 64;
+  if (threadIdx.x < groups_here) {
+    const int group = tile * groups_here + threadIdx.x;
+    if (group < p.q_groups) {
+      const float step = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
+      p.q_scale[static_cast<int64_t>(bh) * p.q_groups + group] = step * p.scale * kLog2E;
+    }
+  }
+}
+
+template <bool Bf16>
+cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
+  const int D = p.head_dim, rows = kThreads / (D / 8);
+  if (p.smooth_k || p.fp8_v) {
+    const dim3 grid(p.splits, p.batch * p.heads_kv);
+    kv_stats_kernel<Bf16><<<grid, kThreads, 2 * rows * D * sizeof(float), stream>>>(p);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  {
+    const dim3 grid((p.tokens_k + kBlockK - 1) / kBlockK, p.batch * p.heads_kv);
+    const size_t smem = 2 * D * sizeof(float) + (p.fp8_v ? D * kBlockK : 0);
+    quantize_kv_kernel<Bf16><<<grid, kThreads, smem, stream>>>(p);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  {
+    const dim3 grid((p.tokens_q + kBlockQ - 1) / kBlockQ, p.batch * p.heads_q);
+    quantize_q_kernel<Bf16><<<grid, kThreads, D * sizeof(float), stream>>>(p);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int q_scale_groups(int tokens_q, int granularity) {
+  const int per16 = (tokens_q + 15) / 16;
+  if (granularity == static_cast<int>(Granularity::PerBlock)) return (tokens_q + 127) / 128;
+  if (granularity == static_cast<int>(Granularity::PerWarp)) return per16;
+  return per16 * 8;
+}
+
+int k_scale_groups(int tokens_k, int granularity) {
+  const int per64 = (tokens_k + 63) / 64;
+  return granularity == static_cast<int>(Granularity::PerThread) ? per64 * 8 : per64;
+}
+
+int stats_splits(int batch, int heads_kv, int tokens_k, int multiprocessors) {
+  const int heads = std::max(1, batch * heads_kv);
+  const int want = (2 * multiprocessors + heads - 1) / heads;  // about two waves of CTAs
+  return std::max(1, std::min({want, 64, (tokens_k + 255) / 256}));
+}
+
+int launch_preprocess(const PreprocessParams& params, void* stream) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return static_cast<int>(params.in_bf16 ? launch_all<true>(params, s) : launch_all<false>(params, s));
+}
+
+}  // namespace sparq::cuda

@@ -1,0 +1,53 @@
+// Host interface of the arch-neutral preprocessing kernels (cuda_backend_kernels.cu): K mean, smoothing and
+// INT8 quantization of Q and K, FP8 e4m3 quantization and transposition of V (docs/NUMERICS.md).
+// No CUDA headers here: included by the g++-compiled host code.
+#pragma once
+
+#include <cstdint>
+
+namespace sparq::cuda {
+
+// One strided fp16/bf16 input tensor [B, H, N, D] (element strides; the channel stride is 1).
+struct InputView {
+  const void* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_t = 0;
+  bool aligned16 = false;  // base and strides allow 16-byte loads
+};
+
+struct PreprocessParams {
+  InputView q, k, v;
+  bool in_bf16 = false;
+  int batch = 0, heads_q = 0, heads_kv = 0, tokens_q = 0, tokens_k = 0, head_dim = 0;
+  int granularity = 0;  // Granularity
+  bool smooth_k = true;
+  bool want_q_km = false;  // write q_km (the LSE correction of smoothing)
+  bool fp8_v = false;      // quantize V (FP8 P·V)
+  float scale = 1.0f;
+
+  // Workspace outputs (layouts in cuda_registry.hpp).
+  int8_t* q8 = nullptr;
+  float* q_scale = nullptr;
+  int q_groups = 0;
+  int8_t* k8 = nullptr;
+  float* k_scale = nullptr;
+  int k_groups = 0;
+  uint8_t* v8t = nullptr;
+  float* v_scale = nullptr;
+  int vt_stride = 0;
+  float* q_km = nullptr;
+  // Per-(batch, kv head, split) channel sums of K and maxima of |V|: [B·Hkv, splits, D] each.
+  float* partial_sum = nullptr;
+  float* partial_vmax = nullptr;
+  int splits = 1;
+};
+
+// Scale groups per head (docs/NUMERICS.md).
+int q_scale_groups(int tokens_q, int granularity);
+int k_scale_groups(int tokens_k, int granularity);
+// How many token ranges the K/V statistics pass splits each (batch, kv head) into.
+int stats_splits(int batch, int heads_kv, int tokens_k, int multiprocessors);
+
+// Enqueues the preprocessing kernels on `stream` (a cudaStream_t); returns a cudaError_t as an int.
+int launch_preprocess(const PreprocessParams& params, void* stream);
+
+}  // namespace sparq::cuda

@@ -1,0 +1,1 @@
+"""sparq kernel generator: one variant table (variants.py), Jinja2 rendering (render.py)."""

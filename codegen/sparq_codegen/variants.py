@@ -1,0 +1,117 @@
+"""The one table of kernel variants.
+
+Every generated kernel source is listed here, once. Meson asks this table (through generate.py --list) which
+files will be produced, the generator renders them, and the registry templates turn the same list into the
+lookup table the runtime searches. Adding a head dim is a Meson option (-Dhead_dims), never an edit here.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Config:
+    """What Meson asked for (from meson.options)."""
+    backend: str                     # "cuda" or "vulkan"
+    head_dims: tuple = (64, 128)
+    cuda_archs: tuple = ("sm_90a",)  # e.g. sm_80, sm_89, sm_90a
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str          # "cuda" | "vulkan"
+    kernel: str           # what it computes: "smooth_k", "attention", ...
+    template: str         # path under templates/
+    params: tuple = field(default_factory=tuple)  # ((name, value), ...) handed to the template
+
+    @property
+    def param(self):
+        return dict(self.params)
+
+    @property
+    def name(self):
+        """A name that is the key: kernel plus every parameter, e.g. attention_sm89_d128_lut."""
+        parts = [self.kernel] + [_short(k, v) for k, v in self.params]
+        return "_".join(p for p in parts if p)
+
+    @property
+    def output(self):
+        suffix = {"cuda": ".cu", "vulkan": ".comp"}[self.backend]
+        return self.name + suffix
+
+
+def _short(key, value):
+    if isinstance(value, bool):
+        return key if value else ""
+    if key == "head_dim":
+        return f"d{value}"
+    if key == "arch":
+        return str(value).replace("_", "")
+    return str(value)
+
+
+def cuda_variants(cfg: Config):
+    # mma.sync attention, one TU per (path, head dim, P·V precision). Tile: BLOCK_Q = 128 query rows (8 warps x
+    # 16 rows, Q in registers), BLOCK_K = 64 keys per cp.async stage (3 stages while they fit in 96 KB); the
+    # tile lives in backends/cuda/cuda_registry.hpp and attention_kernel.cuh. The sm89 path (FP8 e4m3 P·V, and
+    # FP16/BF16 P·V on request) also serves sm_90a builds until a wgmma path exists; sm80 has FP16/BF16 P·V only.
+    # Head dims must be powers of two >= 32 here (int8 k-steps of 32, swizzled power-of-two rows); others are
+    # not generated and the backend reports them as not built. Preprocessing is arch-neutral
+    # (backends/cuda/cuda_backend_kernels.cu), causal / masks / granularity / out dtype are runtime arguments.
+    out = []
+    paths = []
+    if "sm_80" in cfg.cuda_archs:
+        paths.append(("sm_80", ("fp16",)))
+    if "sm_89" in cfg.cuda_archs or "sm_90a" in cfg.cuda_archs:
+        paths.append(("sm_89", ("fp16", "fp8")))
+    for arch, pvs in paths:
+        for d in cfg.head_dims:
+            if d < 32 or d & (d - 1):
+                continue
+            for pv in pvs:
+                out.append(Variant("cuda", "attention", "cuda/attention.cu.j2",
+                                   (("arch", arch), ("head_dim", d), ("pv", pv))))
+    return out
+
+
+def vulkan_variants(cfg: Config):
+    """The portable Vulkan path (scalar GLSL, runs on any Vulkan 1.1+ device incl. Mesa lavapipe).
+
+    - ``kmean``: per (batch, kv head) channel mean of K over tokens (the smoothing vector). Not per head dim.
+    - ``quant``: Q and K quantization to INT8 per NUMERICS.md group (one workgroup per span of tokens that
+      holds whole groups), K smoothing, Q's scale folded with scale·log2(e), the LSE correction scale·q·km,
+      and the fp16/bf16 smoothed K for qk_precision=Fp16. Not per head dim (head dim is a runtime value).
+    - ``attention_d{D}_{mask}``: the fused attention kernel, one per head dim and mask layout.
+      Tile choice: a workgroup of 128 threads owns a 64-query-row tile (two threads per row, each holding
+      half of the row's fp32 output accumulator and computing half of the 64 keys of a tile), K tiles of
+      64 keys (= BK of the numerics contract, so the online-softmax steps match the reference) with the INT8
+      K tile and the fp16/bf16 V tile staged in shared memory (24 KiB at D=128, within lavapipe's 32 KiB).
+      Mask blocks must therefore be multiples of 64x64. Causal, input/output dtype and the fp16 Q·Kᵀ path
+      are specialization constants and sizes/strides/tails are runtime parameters, so they cost no build
+      variants: 2 + 6·len(head_dims) SPIR-V modules.
+    """
+    out = [Variant("vulkan", "kmean", "glsl/kmean.comp.j2"),
+           Variant("vulkan", "quant", "glsl/quant.comp.j2")]
+    # idot: Q·Kᵀ through the packed 4x8-bit dot product (SPV_KHR_integer_dot_product, emitted with
+    # GL_EXT_spirv_intrinsics because glslang 12 lacks GL_EXT_integer_dot_product); the runtime takes it when
+    # the device has shaderIntegerDotProduct, else the plain-integer module.
+    for d in cfg.head_dims:
+        for mask in ("none", "bitmap", "lut"):
+            for idot in (False, True):
+                out.append(Variant("vulkan", "attention", "glsl/attention.comp.j2",
+                                   (("head_dim", d), ("mask", mask), ("idot", idot))))
+    return out
+
+
+def variants(cfg: Config):
+    table = {"cuda": cuda_variants, "vulkan": vulkan_variants}
+    if cfg.backend not in table:
+        raise ValueError(f"unknown backend {cfg.backend!r}; expected one of {sorted(table)}")
+    found = table[cfg.backend](cfg)
+    names = [v.name for v in found]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ValueError(f"variant table lists these twice: {sorted(dupes)}")
+    return found
+
+
+REGISTRY_TEMPLATE = {"cuda": "registry/registry_cuda.cpp.j2", "vulkan": "registry/registry_vulkan.cpp.j2"}
+REGISTRY_OUTPUT = {"cuda": "sparq_registry_cuda.cpp", "vulkan": "sparq_registry_vulkan.cpp"}

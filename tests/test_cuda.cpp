@@ -1,0 +1,2 @@
+// Placeholder until the cuda suite lands.
+#include <doctest/doctest.h>

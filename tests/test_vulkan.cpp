@@ -1,0 +1,2 @@
+// Placeholder until the vulkan suite lands.
+#include <doctest/doctest.h>
