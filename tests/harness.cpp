@@ -386,6 +386,12 @@ Exact exact(const Case& c, const Inputs& in) {
   return e;
 }
 
+std::vector<double> round_output(const std::vector<double>& exact_out, DType dtype) {
+  std::vector<double> r(exact_out.size());
+  for (std::size_t i = 0; i < r.size(); ++i) r[i] = reference::round_to(static_cast<float>(exact_out[i]), dtype);
+  return r;
+}
+
 std::string Accuracy::describe() const {
   std::ostringstream s;
   s << "rel_l1=" << rel_l1 << " cos=" << cosine << " max_abs=" << max_abs;
@@ -399,6 +405,12 @@ Budget budget(QKPrecision qk, PVPrecision pv) {
   if (pv == PVPrecision::Fp8) return {0.03, 0.9995};
   if (qk == QKPrecision::Int8) return {0.015, 0.9999};
   return {0.001, 0.99999};
+}
+
+Budget contract_bound(const Case& c) {
+  if (c.pv_precision == PVPrecision::Fp8) return {0.05, 0.999};
+  if (c.dtype == DType::BF16 && c.qk_precision == QKPrecision::Fp16) return {0.004, 0.99999};
+  return budget(c.qk_precision, c.pv_precision);
 }
 
 bool within(const Accuracy& a, const Budget& b) { return a.rel_l1 <= b.rel_l1 && a.cosine >= b.cosine; }

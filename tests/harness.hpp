@@ -78,6 +78,9 @@ struct Exact {
 };
 Exact exact(const Case& c, const Inputs& in);
 
+// Exact outputs rounded to the output dtype (F16/BF16): the best a kernel can write.
+std::vector<double> round_output(const std::vector<double>& exact_out, DType dtype);
+
 struct Accuracy {
   double rel_l1 = 0;  // Σ|o − ref| / Σ|ref|
   double cosine = 1;
@@ -93,6 +96,14 @@ struct Budget {
 // BENCH.md: fp16/fp16 ≤ 0.001, ≥ 0.99999; int8/fp16 ≤ 0.015, ≥ 0.9999; fp8 P·V ≤ 0.03, ≥ 0.9995.
 Budget budget(QKPrecision qk, PVPrecision pv);
 bool within(const Accuracy& a, const Budget& b);
+// What the numerics contract itself reaches where BENCH.md's budget (defined for fp16 inputs) cannot hold;
+// for regression checks of the emulation and for comparing backends against exact attention, never a
+// replacement of budget() in the BENCH accuracy checks:
+// - fp8 P·V: e4m3 rounding of P and of V each cost ~0.025 rel L1 on zero-mean V (N(0,1) data): the contract
+//   measures 0.031-0.044 there, above BENCH's 0.03 -> {0.05, 0.999};
+// - bf16 inputs on the fp16/fp16 path: P, K' and the output rounded to bf16 (8 bits) -> {0.004, 0.99999};
+// - otherwise budget(qk, pv).
+Budget contract_bound(const Case& c);
 
 struct LseDiff {
   double max_abs = 0;             // over rows finite in both

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 
 namespace sparq::reference {
 
@@ -311,8 +312,16 @@ void attend_rows(const detail::AttentionProblem& p, const KvHead& kv, int b, int
 
   std::vector<float> m(static_cast<std::size_t>(n), kNegInf), l(static_cast<std::size_t>(n), 0.0f);
   std::vector<float> O(static_cast<std::size_t>(n) * Ds, 0.0f);
-  float s[BK], pr[BK];
-  uint8_t vis[BK];
+  // Rows are processed per 16-row group (a warp's rows): SpargeAttn stage 2 lets a group skip exp, row sum
+  // and P·V of a tile when every row's tile max is more than λ (log2 units) below its running max.
+  // Without pv_threshold nothing is skipped and every row computes exactly as it would alone.
+  constexpr int kGroupRows = 16;
+  const bool stage2 = !p.pv_threshold.empty();
+  const float lambda = stage2 ? p.pv_threshold[static_cast<std::size_t>(h)] : 0.0f;
+  int64_t pv_skipped = 0, pv_total = 0;
+  float s_group[kGroupRows][BK], mx_group[kGroupRows], pr[BK];
+  uint8_t vis_group[kGroupRows][BK];
+  bool active[kGroupRows];
   std::vector<float> acc(Ds);
 
   for (int64_t t = 0; t < tiles; ++t) {
@@ -320,66 +329,101 @@ void attend_rows(const detail::AttentionProblem& p, const KvHead& kv, int b, int
     const float* ktile = kv.kt.data() + static_cast<std::size_t>(t) * Ds * BK;
     const float* kstep = kv.k_step.data() + j0;
     const float* vtile = kv.v.data() + static_cast<std::size_t>(j0) * Ds;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = r0 + i;
-      const std::size_t qbl = static_cast<std::size_t>(row / bq - qb0);
-      if (!tile_ok[qbl][static_cast<std::size_t>(t)]) continue;
-      // the last key this row sees (bottom-right aligned causal), relative to the tile
-      int64_t last = p.causal ? row + (Nk - Nq) : Nk - 1;
-      last = std::min(last, Nk - 1);
-      if (last < j0) continue;
-      const int jn = static_cast<int>(std::min<int64_t>(BK, last - j0 + 1));
-      const uint8_t* ko = key_ok[qbl].data() + j0;
-      bool any = false;
-      for (int jj = 0; jj < BK; ++jj) {
-        vis[jj] = (jj < jn && ko[jj]) ? 1 : 0;
-        any = any || vis[jj];
-      }
-      if (!any) continue;
+    for (int64_t g0 = 0; g0 < n; g0 += kGroupRows) {
+      const int gn = static_cast<int>(std::min<int64_t>(kGroupRows, n - g0));
+      for (int gi = 0; gi < gn; ++gi) {
+        const int64_t i = g0 + gi;
+        active[gi] = false;
+        float* s = s_group[gi];
+        uint8_t* vis = vis_group[gi];
+        const int64_t row = r0 + i;
+        const std::size_t qbl = static_cast<std::size_t>(row / bq - qb0);
+        if (!tile_ok[qbl][static_cast<std::size_t>(t)]) continue;
+        // the last key this row sees (bottom-right aligned causal), relative to the tile
+        int64_t last = p.causal ? row + (Nk - Nq) : Nk - 1;
+        last = std::min(last, Nk - 1);
+        if (last < j0) continue;
+        const int jn = static_cast<int>(std::min<int64_t>(BK, last - j0 + 1));
+        const uint8_t* ko = key_ok[qbl].data() + j0;
+        bool any = false;
+        for (int jj = 0; jj < BK; ++jj) {
+          vis[jj] = (jj < jn && ko[jj]) ? 1 : 0;
+          any = any || vis[jj];
+        }
+        if (!any) continue;
 
-      // logits in base-2 units
-      for (int jj = 0; jj < BK; ++jj) s[jj] = 0.0f;
-      const float* qi = q.data() + static_cast<std::size_t>(i) * Ds;
-      for (int c = 0; c < D; ++c) {
-        const float qc = qi[c];
-        const float* kc = ktile + static_cast<std::size_t>(c) * BK;
-        for (int jj = 0; jj < BK; ++jj) s[jj] += qc * kc[jj];
+        // logits in base-2 units
+        for (int jj = 0; jj < BK; ++jj) s[jj] = 0.0f;
+        const float* qi = q.data() + static_cast<std::size_t>(i) * Ds;
+        for (int c = 0; c < D; ++c) {
+          const float qc = qi[c];
+          const float* kc = ktile + static_cast<std::size_t>(c) * BK;
+          for (int jj = 0; jj < BK; ++jj) s[jj] += qc * kc[jj];
+        }
+        const float qscale = qs[static_cast<std::size_t>(i)];
+        if (int8) {
+          for (int jj = 0; jj < BK; ++jj) s[jj] = (s[jj] * qscale) * kstep[jj];
+        } else {
+          for (int jj = 0; jj < BK; ++jj) s[jj] = s[jj] * qscale;
+        }
+        float mx = kNegInf;
+        for (int jj = 0; jj < BK; ++jj) {
+          if (!vis[jj]) s[jj] = kNegInf;
+          else if (s[jj] > mx) mx = s[jj];
+        }
+        mx_group[gi] = mx;
+        active[gi] = true;
       }
-      const float qscale = qs[static_cast<std::size_t>(i)];
-      if (int8) {
-        for (int jj = 0; jj < BK; ++jj) s[jj] = (s[jj] * qscale) * kstep[jj];
-      } else {
-        for (int jj = 0; jj < BK; ++jj) s[jj] = s[jj] * qscale;
+      if (stage2) {
+        bool visited = false, needed = false;
+        for (int gi = 0; gi < gn; ++gi) {
+          if (!active[gi]) continue;
+          visited = true;
+          if (!(mx_group[gi] < m[static_cast<std::size_t>(g0 + gi)] - lambda)) needed = true;
+        }
+        if (visited) ++pv_total;
+        if (visited && !needed) {
+          ++pv_skipped;
+          continue;  // the running max stays: every tile max is below it
+        }
       }
-      float mx = kNegInf;
-      for (int jj = 0; jj < BK; ++jj) {
-        if (!vis[jj]) s[jj] = kNegInf;
-        else if (s[jj] > mx) mx = s[jj];
+      for (int gi = 0; gi < gn; ++gi) {
+        if (!active[gi]) continue;
+        const int64_t i = g0 + gi;
+        const float* s = s_group[gi];
+        const uint8_t* vis = vis_group[gi];
+        const float mx = mx_group[gi];
+        float& mi = m[static_cast<std::size_t>(i)];
+        const float m_new = std::max(mi, mx);
+        if (m_new == kNegInf) continue;
+        const float alpha = mi == kNegInf ? 0.0f : std::exp2(mi - m_new);
+        float sum = 0.0f;
+        for (int jj = 0; jj < BK; ++jj) {
+          const float pj = vis[jj] ? std::exp2(s[jj] - m_new) : 0.0f;
+          sum += pj;
+          pr[jj] = fp8 ? e4m3_to_float(float_to_e4m3(pj * kE4m3Max)) : round_to(pj, p_dtype);
+        }
+        float& li = l[static_cast<std::size_t>(i)];
+        li = li * alpha + sum;
+        // tile(P·V), fp32 accumulation over the tile's keys (keys past Nk have V = 0 here)
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const int jend = static_cast<int>(std::min<int64_t>(BK, Nk - j0));
+        for (int jj = 0; jj < jend; ++jj) {
+          const float pj = pr[jj];
+          const float* vj = vtile + static_cast<std::size_t>(jj) * Ds;
+          for (int c = 0; c < D; ++c) acc[c] += pj * vj[c];
+        }
+        float* oi = O.data() + static_cast<std::size_t>(i) * Ds;
+        for (int c = 0; c < D; ++c) oi[c] = oi[c] * alpha + acc[c];
+        mi = m_new;
       }
-      float& mi = m[static_cast<std::size_t>(i)];
-      const float m_new = std::max(mi, mx);
-      if (m_new == kNegInf) continue;
-      const float alpha = mi == kNegInf ? 0.0f : std::exp2(mi - m_new);
-      float sum = 0.0f;
-      for (int jj = 0; jj < BK; ++jj) {
-        const float pj = vis[jj] ? std::exp2(s[jj] - m_new) : 0.0f;
-        sum += pj;
-        pr[jj] = fp8 ? e4m3_to_float(float_to_e4m3(pj * kE4m3Max)) : round_to(pj, p_dtype);
-      }
-      float& li = l[static_cast<std::size_t>(i)];
-      li = li * alpha + sum;
-      // tile(P·V), fp32 accumulation over the tile's keys (keys past Nk have V = 0 here)
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const int jend = static_cast<int>(std::min<int64_t>(BK, Nk - j0));
-      for (int jj = 0; jj < jend; ++jj) {
-        const float pj = pr[jj];
-        const float* vj = vtile + static_cast<std::size_t>(jj) * Ds;
-        for (int c = 0; c < D; ++c) acc[c] += pj * vj[c];
-      }
-      float* oi = O.data() + static_cast<std::size_t>(i) * Ds;
-      for (int c = 0; c < D; ++c) oi[c] = oi[c] * alpha + acc[c];
-      mi = m_new;
     }
+  }
+  if (stage2 && p.stats) {
+    static std::mutex stats_mutex;
+    std::lock_guard<std::mutex> lock(stats_mutex);
+    p.stats->pv_skipped += pv_skipped;
+    p.stats->pv_total += pv_total;
   }
 
   std::vector<float> out(Ds);

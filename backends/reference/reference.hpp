@@ -82,6 +82,13 @@ void exact_attention(const detail::AttentionProblem& p, std::vector<double>& out
 
 // The quantized kernels' numerics, emulated: writes p.out (F16/BF16) and, when p.has_lse, p.lse (F32).
 // Smoothing, INT8 (or FP16) Q·Kᵀ, base-2 online softmax over 64-key tiles, FP16 or FP8 P·V.
+// Where NUMERICS.md leaves an order of fp32 operations open, this reads it as:
+// - km[c] = float(Σ_j k[j,c]) / float(Nk): the sum rounded once to fp32 (no particular summation order);
+// - scale·log2(e) is folded first: q_scale = step_q · (scale · log2e), FP16 Q·Kᵀ s = dot · (scale · log2e);
+// - s = (float(int32 dot) · q_scale) · k_scale; the int32 dot is computed exactly (|dot| <= 127²·256 < 2^24);
+// - dots, Σ_j p and tile(P·V) are summed sequentially (c, then j ascending) in fp32; O = O·alpha + tile;
+// - quantization of NaN gives 0 (as cvt.rni.sat.s8.f32 does), and the group max ignores NaN.
+// Q rows are quantized in chunks of kQueryChunk rows, so the result is independent of the threading.
 void quantized_attention(const detail::AttentionProblem& p);
 
 constexpr int kKeyTile = 64;      // BK: keys per online-softmax step
