@@ -1,0 +1,163 @@
+// sparge_attention(): validate, (optionally) reorder tokens along a Hilbert curve, predict the block LUT on
+// the host (stage 1), run the sparse kernel with the per-head P·V threshold (stage 2), restore the order.
+#include "sparge_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+namespace sparq {
+namespace sparge {
+
+void check_blocks(const Context& ctx, const SpargeOptions& options, const char* what) {
+  const auto g = ctx.mask_granularity();
+  if (options.block_q <= 0 || options.block_k <= 0 || options.block_q % g[0] || options.block_k % g[1])
+    bad(what, "options.block_q x block_k = " + std::to_string(options.block_q) + "x" + std::to_string(options.block_k) +
+                  " must be positive multiples of the " + to_string(ctx.backend()) + " kernel tile " +
+                  std::to_string(g[0]) + "x" + std::to_string(g[1]) + " (Context::mask_granularity())");
+}
+
+std::vector<SpargeParams> resolve_params(const std::vector<SpargeParams>& per_head, int heads_q, const char* what) {
+  if (per_head.size() != 1 && per_head.size() != static_cast<std::size_t>(heads_q))
+    bad(what, "per_head has " + std::to_string(per_head.size()) + " entries, expected 1 or Hq = " +
+                  std::to_string(heads_q));
+  for (std::size_t h = 0; h < per_head.size(); ++h) {
+    try {
+      validate(per_head[h], "head " + std::to_string(h));
+    } catch (const Error& e) {
+      bad(what, std::string("per_head: ") + e.what());
+    }
+  }
+  if (per_head.size() == 1) return std::vector<SpargeParams>(static_cast<std::size_t>(heads_q), per_head[0]);
+  return per_head;
+}
+
+void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                           const AttentionOptions& options, const BlockMask* mask,
+                           const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats) {
+  detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options, mask, nullptr);
+  if (!pv_threshold.empty() && pv_threshold.size() != static_cast<std::size_t>(p.heads_q))
+    bad("sparge_attention", "internal: " + std::to_string(pv_threshold.size()) + " P·V thresholds for " +
+                                std::to_string(p.heads_q) + " heads");
+  p.pv_threshold = pv_threshold;
+  p.stats = stats;
+  ctx.impl().attention(p);
+}
+
+namespace {
+
+BlockMask upload_lut(Context& ctx, const Lut& lut, const SpargeOptions& options) {
+  Tensor counts = ctx.from_host(DType::I32, {lut.batch, lut.heads, lut.nqb}, lut.counts.data());
+  Tensor indices = ctx.from_host(DType::I32, {lut.batch, lut.heads, lut.nqb, lut.nkb}, lut.indices.data());
+  return BlockMask::from_lut(counts, indices, options.block_q, options.block_k);
+}
+
+}  // namespace
+}  // namespace sparge
+
+BlockMask predict_block_mask(Context& ctx, const Tensor& q, const Tensor& k, const SpargeOptions& options,
+                             const std::vector<SpargeParams>& per_head, SpargeStats* stats) {
+  const char* what = "predict_block_mask";
+  // validate q and k like attention() does (k stands in for v and a scratch output for out)
+  sparge::check_blocks(ctx, options, what);
+  if (!q.defined() || !k.defined()) sparge::bad(what, "q and k must be defined tensors");
+  Tensor scratch = ctx.empty(q.dtype() == DType::BF16 ? DType::BF16 : DType::F16, q.shape());
+  detail::AttentionProblem p = detail::make_problem(ctx, q, k, k, scratch, options.attention, nullptr, nullptr);
+  std::vector<SpargeParams> params = sparge::resolve_params(per_head, p.heads_q, what);
+  sparge::HostTensor hq = sparge::download(ctx, q, options.attention.layout);
+  sparge::HostTensor hk = sparge::download(ctx, k, options.attention.layout);
+  sparge::Lut lut = sparge::predict_lut(hq, hk, options, p.scale, params);
+  if (stats) {
+    *stats = SpargeStats{};
+    stats->blocks_valid = lut.valid;
+    stats->blocks_computed = lut.computed;
+    stats->block_sparsity = lut.valid ? 1.0 - static_cast<double>(lut.computed) / static_cast<double>(lut.valid) : 0.0;
+  }
+  return sparge::upload_lut(ctx, lut, options);
+}
+
+void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                      const SpargeOptions& options, const std::vector<SpargeParams>& per_head, SpargeStats* stats) {
+  const char* what = "sparge_attention";
+  sparge::check_blocks(ctx, options, what);
+  // Every argument of the dense problem first (nothing is written on error).
+  detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options.attention, nullptr, nullptr);
+  std::vector<SpargeParams> params = sparge::resolve_params(per_head, p.heads_q, what);
+  const Layout layout = options.attention.layout;
+
+  // Stage 2 thresholds: only when some head has one (an empty list keeps every backend's dense-tile path).
+  std::vector<float> lambda;
+  if (std::any_of(params.begin(), params.end(), [](const SpargeParams& s) { return s.stage2(); })) {
+    lambda.resize(params.size());
+    for (std::size_t h = 0; h < params.size(); ++h) lambda[h] = params[h].pvthreshd;
+  }
+  const bool all_dense = std::all_of(params.begin(), params.end(), [](const SpargeParams& s) { return s.dense; });
+
+  // Hilbert order: permuted copies of q, k, v and a scratch output (not needed by dense attention, which
+  // does not depend on the order of tokens).
+  std::vector<int64_t> order;
+  Tensor qp = q, kp = k, vp = v, outp = out;
+  const bool permute = options.hilbert && !(all_dense && lambda.empty());
+  if (options.hilbert) {
+    const TokenGrid& g = *options.hilbert;
+    if (g.t <= 0 || g.h <= 0 || g.w <= 0)
+      sparge::bad(what, "options.hilbert grid " + std::to_string(g.t) + "x" + std::to_string(g.h) + "x" +
+                            std::to_string(g.w) + " must have positive sizes");
+    if (p.tokens_q != p.tokens_k)
+      sparge::bad(what, "options.hilbert needs Nq == Nk, got Nq = " + std::to_string(p.tokens_q) +
+                            " and Nk = " + std::to_string(p.tokens_k));
+    if (g.tokens() > p.tokens_q)
+      sparge::bad(what, "options.hilbert grid " + std::to_string(g.t) + "x" + std::to_string(g.h) + "x" +
+                            std::to_string(g.w) + " has " + std::to_string(g.tokens()) + " tokens, more than the " +
+                            std::to_string(p.tokens_q) + " of the sequence");
+    if (options.attention.causal)
+      sparge::bad(what, "options.hilbert cannot be combined with a causal mask (the order of tokens changes)");
+  }
+  if (permute) {
+    order = hilbert_order(*options.hilbert);
+    qp = ctx.empty(q.dtype(), q.shape());
+    kp = ctx.empty(k.dtype(), k.shape());
+    vp = ctx.empty(v.dtype(), v.shape());
+    outp = ctx.empty(out.dtype(), out.shape());
+    permute_tokens(ctx, q, qp, order, layout);
+    permute_tokens(ctx, k, kp, order, layout);
+    permute_tokens(ctx, v, vp, order, layout);
+  }
+
+  // Stage 1 on the host; a layer of dense heads needs no prediction (and no mask).
+  sparge::Lut lut;
+  std::optional<BlockMask> mask;
+  if (all_dense) {
+    sparge::Geometry g;
+    g.tokens_q = p.tokens_q;
+    g.tokens_k = p.tokens_k;
+    g.block_q = options.block_q;
+    g.block_k = options.block_k;
+    g.causal = options.attention.causal;
+    lut.valid = static_cast<int64_t>(p.batch) * p.heads_q * sparge::valid_blocks(g);
+    lut.computed = lut.valid;
+  } else {
+    sparge::HostTensor hq = sparge::download(ctx, qp, layout);
+    sparge::HostTensor hk = sparge::download(ctx, kp, layout);
+    lut = sparge::predict_lut(hq, hk, options, p.scale, params);
+    mask = sparge::upload_lut(ctx, lut, options);
+  }
+
+  detail::AttentionProblem::Stats backend_stats;
+  sparge::attention_with_stage2(ctx, qp, kp, vp, outp, options.attention, mask ? &*mask : nullptr, lambda,
+                                stats && !lambda.empty() ? &backend_stats : nullptr);
+
+  if (permute) permute_tokens(ctx, outp, out, inverse_permutation(order), layout);
+  if (stats) {
+    *stats = SpargeStats{};
+    stats->blocks_valid = lut.valid;
+    stats->blocks_computed = lut.computed;
+    stats->block_sparsity = lut.valid ? 1.0 - static_cast<double>(lut.computed) / static_cast<double>(lut.valid) : 0.0;
+    stats->pv_skipped = backend_stats.pv_skipped;
+    stats->pv_total = backend_stats.pv_total;
+    stats->pv_skip_fraction =
+        backend_stats.pv_total ? static_cast<double>(backend_stats.pv_skipped) / static_cast<double>(backend_stats.pv_total) : 0.0;
+  }
+}
+
+}  // namespace sparq

@@ -1,0 +1,103 @@
+// SpargeAttn internals shared by the predictor, sparge_attention() and the tuner. Not installed.
+#pragma once
+
+#include <sparq/sparge.hpp>
+
+#include "backend.hpp"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sparq::sparge {
+
+[[noreturn]] void bad(const std::string& what, const std::string& message);  // Error(InvalidArgument, what: message)
+
+// ---- host data -------------------------------------------------------------------------------------------
+
+// A q/k/v tensor copied to the host as fp32, canonical [B, H, N, D] (HND) whatever its layout.
+struct HostTensor {
+  int batch = 0, heads = 0, tokens = 0, dim = 0;
+  std::vector<float> data;
+  const float* head(int b, int h) const {
+    return data.data() + (static_cast<std::size_t>(b) * heads + h) * static_cast<std::size_t>(tokens) * dim;
+  }
+};
+HostTensor download(Context& ctx, const Tensor& t, Layout layout);
+
+// ---- stage 1 ---------------------------------------------------------------------------------------------
+
+// Per block of `block` tokens of one sequence x [n, d]: the mean row (of x - shift when shift is given) and
+// the self-similarity ||Σ u_i||² / m² (u_i = row / ||row||, m = real rows of the block; zero rows count in
+// m but add nothing; a block of zero rows has similarity 1; a block with a non-finite value -1).
+struct BlockSummary {
+  int blocks = 0, dim = 0;
+  std::vector<float> mean;  // [blocks, dim]
+  std::vector<float> sim;   // [blocks]
+};
+BlockSummary summarize_blocks(const float* x, int n, int d, int block, const float* shift);
+// Per channel mean over the n tokens (K smoothing), fp32 from an exact sum.
+std::vector<float> token_mean(const float* x, int n, int d);
+
+struct Geometry {
+  int tokens_q = 0, tokens_k = 0, block_q = 0, block_k = 0;
+  bool causal = false;
+  int blocks_q() const { return (tokens_q + block_q - 1) / block_q; }
+  int blocks_k() const { return (tokens_k + block_k - 1) / block_k; }
+};
+
+// Σ over query blocks of the causally valid key blocks (nQB · nKB without causal).
+int64_t valid_blocks(const Geometry& g);
+
+// The parameter-independent stage-1 map of one (batch, query head).
+struct HeadMap {
+  int nqb = 0, nkb = 0;
+  std::vector<float> q_sim;     // [nqb]
+  std::vector<float> k_sim;     // [nkb]
+  std::vector<float> phat;      // [nqb, nkb]: row softmax of the compressed map over the valid blocks
+  std::vector<int> valid_end;   // [nqb]: the valid (causally visible) key blocks are [0, valid_end)
+  std::vector<int> diag_begin;  // [nqb]: key blocks [diag_begin, diag_end) hold the query block's positions
+  std::vector<int> diag_end;
+  std::vector<uint8_t> row_dense;  // [nqb]: the map is not finite (non-finite inputs): compute everything
+};
+// scale: the softmax scale (natural units). q_blocks/k_blocks from summarize_blocks (K smoothed).
+HeadMap head_map(const BlockSummary& q_blocks, const BlockSummary& k_blocks, const Geometry& g, float scale);
+
+// How query block qb takes key blocks. order: first the forced blocks (ascending), then the others by
+// decreasing P̂ (ties: lower index first); a parameter setting keeps a prefix of it. Rows with no valid key
+// block have an empty order.
+struct RowPlan {
+  std::vector<int> order;
+  int forced = 0;
+  std::vector<double> cum;  // cum[m]: P̂ mass of the m most massive valid blocks (forced ones included)
+  std::vector<int> extra;   // extra[m]: how many of those m are not forced
+  // How many leading entries of `order` the parameters keep (forced + the non-forced part of the top set).
+  int kept(const SpargeParams& p) const;
+};
+void plan_row(const HeadMap& map, int qb, float simthreshd, bool dense, bool sink, bool diagonal, RowPlan& plan);
+// The selected key blocks of qb, ascending.
+void select_blocks(const HeadMap& map, int qb, const SpargeParams& p, bool sink, bool diagonal,
+                   std::vector<int>& selected);
+
+// The LUT of all (b, hq): counts [B, Hq, nQB], indices [B, Hq, nQB, nKB] (rest filled with 0).
+struct Lut {
+  int batch = 0, heads = 0, nqb = 0, nkb = 0;
+  std::vector<int32_t> counts, indices;
+  int64_t valid = 0, computed = 0;  // (query block, key block) pairs
+};
+// q: [B, Hq, Nq, D], k: [B, Hkv, Nk, D] on the host; per_head resolved to Hq entries.
+Lut predict_lut(const HostTensor& q, const HostTensor& k, const SpargeOptions& options, float scale,
+                const std::vector<SpargeParams>& per_head);
+
+// Checks block sizes and per-head parameters; returns them resolved to Hq entries. `what` prefixes errors.
+std::vector<SpargeParams> resolve_params(const std::vector<SpargeParams>& per_head, int heads_q, const char* what);
+void check_blocks(const Context& ctx, const SpargeOptions& options, const char* what);
+
+// ---- stage 2 -----------------------------------------------------------------------------------------------
+
+// attention() with a block mask (nullptr: none), a per query head P·V threshold (empty = no stage 2) and optional statistics.
+void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                           const AttentionOptions& options, const BlockMask* mask,
+                           const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats);
+
+}  // namespace sparq::sparge
