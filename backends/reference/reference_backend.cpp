@@ -80,6 +80,7 @@ void check_range(const Storage& s, std::size_t offset, std::size_t bytes, const 
 class ReferenceBackend : public BackendImpl {
  public:
   Backend kind() const override { return Backend::Reference; }
+  bool supports_pv_skip() const override { return true; }
 
   std::string device_name() const override {
     int n = reference::thread_count();

@@ -96,6 +96,8 @@ class BackendImpl {
 
   // What PVPrecision::Auto means here: the fastest P·V precision within the accuracy budget.
   virtual PVPrecision default_pv_precision() const { return PVPrecision::Fp16; }
+  // Whether attention() honours AttentionProblem::pv_threshold (the SpargeAttn stage-2 P·V skip).
+  virtual bool supports_pv_skip() const { return false; }
   // Throws Error(NotSupported, "... not supported by the X backend ...") for what it cannot do.
   virtual void attention(const AttentionProblem& problem) = 0;
 

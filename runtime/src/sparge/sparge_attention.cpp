@@ -36,6 +36,8 @@ void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const
                            const AttentionOptions& options, const BlockMask* mask,
                            const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats) {
   detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options, mask, nullptr);
+  if (!pv_threshold.empty() && !ctx.impl().supports_pv_skip())
+    detail::not_supported(ctx.backend(), "the SpargeAttn stage-2 P·V skip (a finite pvthreshd)");
   if (!pv_threshold.empty() && pv_threshold.size() != static_cast<std::size_t>(p.heads_q))
     bad("sparge_attention", "internal: " + std::to_string(pv_threshold.size()) + " P·V thresholds for " +
                                 std::to_string(p.heads_q) + " heads");
@@ -90,6 +92,7 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   if (std::any_of(params.begin(), params.end(), [](const SpargeParams& s) { return s.stage2(); })) {
     lambda.resize(params.size());
     for (std::size_t h = 0; h < params.size(); ++h) lambda[h] = params[h].pvthreshd;
+    if (!ctx.impl().supports_pv_skip()) detail::not_supported(ctx.backend(), "the SpargeAttn stage-2 P·V skip (a finite pvthreshd)");
   }
   const bool all_dense = std::all_of(params.begin(), params.end(), [](const SpargeParams& s) { return s.dense; });
 
