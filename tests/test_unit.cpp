@@ -240,4 +240,30 @@ TEST_CASE("the C API reports status codes and a thread-local last error") {
   sparq_context_destroy(ctx);
 }
 
+TEST_CASE("the C API runs SpargeAttn and loads hyper-parameter files") {
+  sparq_context ctx = nullptr;
+  REQUIRE(sparq_context_create(SPARQ_BACKEND_REFERENCE, -1, &ctx) == SPARQ_OK);
+  int64_t shape[4] = {1, 2, 256, 64};
+  sparq_tensor t[4];
+  for (auto& x : t) REQUIRE(sparq_tensor_create(ctx, SPARQ_F16, 4, shape, &x) == SPARQ_OK);
+  std::vector<uint16_t> data(2 * 256 * 64);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint16_t>(0x3000 + (i * 2654435761u >> 22) % 0x800);
+  for (int i = 0; i < 3; ++i) REQUIRE(sparq_tensor_upload(ctx, t[i], data.data()) == SPARQ_OK);
+  sparq_sparge_params p = sparq_default_sparge_params();
+  sparq_sparge_options o = sparq_default_sparge_options();
+  sparq_sparge_stats stats{-1, -1};
+  CHECK(sparq_sparge_attention(ctx, t[0], t[1], t[2], t[3], &o, &p, 1, &stats) == SPARQ_OK);
+  CHECK(stats.block_sparsity >= 0);
+  CHECK(sparq_sparge_attention(ctx, t[0], t[1], t[2], t[3], &o, &p, 0, nullptr) == SPARQ_INVALID_ARGUMENT);
+  p.cdfthreshd = 2.0f;
+  CHECK(sparq_sparge_attention(ctx, t[0], t[1], t[2], t[3], &o, &p, 1, nullptr) == SPARQ_INVALID_ARGUMENT);
+  CHECK(std::string(sparq_last_error()).find("cdfthreshd") != std::string::npos);
+  sparq_hyperparams hp = nullptr;
+  CHECK(sparq_hyperparams_load("/nonexistent/sparge.json", &hp) == SPARQ_INVALID_ARGUMENT);
+  CHECK(hp == nullptr);
+  CHECK(std::string(sparq_last_error()).find("/nonexistent/sparge.json") != std::string::npos);
+  for (auto& x : t) sparq_tensor_destroy(x);
+  sparq_context_destroy(ctx);
+}
+
 }  // TEST_SUITE

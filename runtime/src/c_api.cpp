@@ -2,6 +2,8 @@
 // thread-local message.
 #include <sparq/sparq.h>
 
+#include <sparq/sparge.hpp>
+
 #include "backend.hpp"
 
 #include <cstring>
@@ -12,6 +14,9 @@ struct sparq_context_s {
 };
 struct sparq_tensor_s {
   sparq::Tensor tensor;
+};
+struct sparq_hyperparams_s {
+  sparq::HyperParams params;
 };
 
 namespace {
@@ -51,6 +56,37 @@ std::vector<int64_t> dims(int rank, const int64_t* values, const char* what) {
 sparq::DType dtype(sparq_dtype d) {
   if (d < SPARQ_F16 || d > SPARQ_I32) bad("dtype " + std::to_string(static_cast<int>(d)) + " is not a sparq_dtype");
   return static_cast<sparq::DType>(d);
+}
+
+sparq::AttentionOptions attention_options(const sparq_attention_options& c) {
+  if (c.layout < SPARQ_LAYOUT_HND || c.layout > SPARQ_LAYOUT_NHD) bad("options->layout is invalid");
+  if (c.qk_precision < SPARQ_QK_INT8 || c.qk_precision > SPARQ_QK_FP16) bad("options->qk_precision is invalid");
+  if (c.qk_granularity < SPARQ_QK_PER_BLOCK || c.qk_granularity > SPARQ_QK_PER_THREAD)
+    bad("options->qk_granularity is invalid");
+  if (c.pv_precision < SPARQ_PV_AUTO || c.pv_precision > SPARQ_PV_FP8) bad("options->pv_precision is invalid");
+  sparq::AttentionOptions o;
+  o.layout = static_cast<sparq::Layout>(c.layout);
+  o.causal = c.causal != 0;
+  o.scale = c.scale;
+  o.smooth_k = c.smooth_k != 0;
+  o.qk_precision = static_cast<sparq::QKPrecision>(c.qk_precision);
+  o.qk_granularity = static_cast<sparq::QKGranularity>(c.qk_granularity);
+  o.pv_precision = static_cast<sparq::PVPrecision>(c.pv_precision);
+  return o;
+}
+
+sparq_sparge_params to_c(const sparq::SpargeParams& p) {
+  return {p.simthreshd, p.cdfthreshd, p.topk, p.pvthreshd, p.dense ? 1 : 0};
+}
+
+sparq::SpargeParams from_c(const sparq_sparge_params& c) {
+  sparq::SpargeParams p;
+  p.simthreshd = c.simthreshd;
+  p.cdfthreshd = c.cdfthreshd;
+  p.topk = c.topk;
+  p.pvthreshd = c.pvthreshd;
+  p.dense = c.dense != 0;
+  return p;
 }
 
 }  // namespace
@@ -183,23 +219,7 @@ sparq_status sparq_attention(sparq_context ctx, sparq_tensor q, sparq_tensor k, 
     need(k, "k");
     need(v, "v");
     need(out, "out");
-    sparq::AttentionOptions o;
-    if (options) {
-      if (options->layout < SPARQ_LAYOUT_HND || options->layout > SPARQ_LAYOUT_NHD) bad("options->layout is invalid");
-      if (options->qk_precision < SPARQ_QK_INT8 || options->qk_precision > SPARQ_QK_FP16)
-        bad("options->qk_precision is invalid");
-      if (options->qk_granularity < SPARQ_QK_PER_BLOCK || options->qk_granularity > SPARQ_QK_PER_THREAD)
-        bad("options->qk_granularity is invalid");
-      if (options->pv_precision < SPARQ_PV_AUTO || options->pv_precision > SPARQ_PV_FP8)
-        bad("options->pv_precision is invalid");
-      o.layout = static_cast<sparq::Layout>(options->layout);
-      o.causal = options->causal != 0;
-      o.scale = options->scale;
-      o.smooth_k = options->smooth_k != 0;
-      o.qk_precision = static_cast<sparq::QKPrecision>(options->qk_precision);
-      o.qk_granularity = static_cast<sparq::QKGranularity>(options->qk_granularity);
-      o.pv_precision = static_cast<sparq::PVPrecision>(options->pv_precision);
-    }
+    sparq::AttentionOptions o = options ? attention_options(*options) : sparq::AttentionOptions{};
     sparq::BlockMask m;
     if (mask) {
       if (mask->kind == SPARQ_MASK_BITMAP) {
@@ -215,6 +235,74 @@ sparq_status sparq_attention(sparq_context ctx, sparq_tensor q, sparq_tensor k, 
     }
     sparq::attention(ctx->ctx, q->tensor, k->tensor, v->tensor, out->tensor, o, mask ? &m : nullptr,
                      lse ? &lse->tensor : nullptr);
+  });
+}
+
+sparq_sparge_params sparq_default_sparge_params(void) { return to_c(sparq::SpargeParams{}); }
+
+sparq_sparge_options sparq_default_sparge_options(void) {
+  sparq::SpargeOptions o;
+  sparq_sparge_options c;
+  c.attention = sparq_default_options();
+  c.block_q = o.block_q;
+  c.block_k = o.block_k;
+  c.attention_sink = o.attention_sink;
+  c.diagonal = o.diagonal;
+  c.hilbert_t = c.hilbert_h = c.hilbert_w = 0;
+  return c;
+}
+
+sparq_status sparq_sparge_attention(sparq_context ctx, sparq_tensor q, sparq_tensor k, sparq_tensor v,
+                                    sparq_tensor out, const sparq_sparge_options* options,
+                                    const sparq_sparge_params* per_head, int num_params, sparq_sparge_stats* stats) {
+  return guarded([&] {
+    need(ctx, "ctx");
+    need(q, "q");
+    need(k, "k");
+    need(v, "v");
+    need(out, "out");
+    need(per_head, "per_head");
+    if (num_params < 1) bad("num_params must be >= 1, got " + std::to_string(num_params));
+    sparq_sparge_options c = options ? *options : sparq_default_sparge_options();
+    sparq::SpargeOptions o;
+    o.attention = attention_options(c.attention);
+    o.block_q = c.block_q;
+    o.block_k = c.block_k;
+    o.attention_sink = c.attention_sink != 0;
+    o.diagonal = c.diagonal != 0;
+    if (c.hilbert_t || c.hilbert_h || c.hilbert_w) o.hilbert = sparq::TokenGrid{c.hilbert_t, c.hilbert_h, c.hilbert_w};
+    std::vector<sparq::SpargeParams> params;
+    for (int i = 0; i < num_params; ++i) params.push_back(from_c(per_head[i]));
+    sparq::SpargeStats s;
+    sparq::sparge_attention(ctx->ctx, q->tensor, k->tensor, v->tensor, out->tensor, o, params, stats ? &s : nullptr);
+    if (stats) *stats = {s.block_sparsity, s.pv_skip_fraction};
+  });
+}
+
+sparq_status sparq_hyperparams_load(const char* path, sparq_hyperparams* out) {
+  return guarded([&] {
+    need(path, "path");
+    need(out, "out");
+    *out = nullptr;
+    *out = new sparq_hyperparams_s{sparq::HyperParams::load(path)};
+  });
+}
+
+void sparq_hyperparams_destroy(sparq_hyperparams hp) { delete hp; }
+
+sparq_status sparq_hyperparams_layer(sparq_hyperparams hp, const char* layer, int heads, sparq_sparge_params* params,
+                                     int capacity, int* count) {
+  return guarded([&] {
+    need(hp, "hp");
+    need(layer, "layer");
+    need(count, "count");
+    const std::vector<sparq::SpargeParams>& found = hp->params.layer(layer, heads);
+    *count = static_cast<int>(found.size());
+    if (static_cast<int>(found.size()) > capacity)
+      bad("layer " + std::string(layer) + " has " + std::to_string(found.size()) + " heads, more than capacity " +
+          std::to_string(capacity));
+    need(params, "params");
+    for (std::size_t i = 0; i < found.size(); ++i) params[i] = to_c(found[i]);
   });
 }
 

@@ -81,6 +81,41 @@ sparq_status sparq_attention(sparq_context ctx, sparq_tensor q, sparq_tensor k, 
                              const sparq_attention_options* options, const sparq_block_mask* mask,
                              sparq_tensor lse);
 
+/* ---- SpargeAttn (sparge.hpp) ---- */
+typedef struct {
+  float simthreshd;  /* theta */
+  float cdfthreshd;  /* tau */
+  float topk;        /* > 0: keep this fraction of key blocks instead of tau */
+  float pvthreshd;   /* lambda, log2 units; INFINITY = no stage 2 */
+  int dense;
+} sparq_sparge_params;
+
+typedef struct {
+  sparq_attention_options attention;
+  int block_q, block_k;
+  int attention_sink, diagonal;
+  int hilbert_t, hilbert_h, hilbert_w; /* all 0 = no Hilbert order */
+} sparq_sparge_options;
+
+typedef struct {
+  double block_sparsity, pv_skip_fraction;
+} sparq_sparge_stats;
+
+sparq_sparge_params sparq_default_sparge_params(void);
+sparq_sparge_options sparq_default_sparge_options(void);
+/* per_head: num_params = Hq entries, or 1 for all heads. options and stats may be NULL. */
+sparq_status sparq_sparge_attention(sparq_context ctx, sparq_tensor q, sparq_tensor k, sparq_tensor v,
+                                    sparq_tensor out, const sparq_sparge_options* options,
+                                    const sparq_sparge_params* per_head, int num_params, sparq_sparge_stats* stats);
+
+typedef struct sparq_hyperparams_s* sparq_hyperparams;
+sparq_status sparq_hyperparams_load(const char* path, sparq_hyperparams* out);
+void sparq_hyperparams_destroy(sparq_hyperparams hp);
+/* Copies the layer's per-head parameters into params (capacity entries); *count receives the head count.
+ * heads > 0 makes a different head count an error. */
+sparq_status sparq_hyperparams_layer(sparq_hyperparams hp, const char* layer, int heads, sparq_sparge_params* params,
+                                     int capacity, int* count);
+
 #ifdef __cplusplus
 }
 #endif
