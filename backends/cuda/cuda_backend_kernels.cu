@@ -128,7 +128,8 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   if (p.fp8_v) {
     for (int c = threadIdx.x; c < D; c += kThreads) {
       float m = 0.0f;
-      for (int i = 0; i < p.splits; ++i) m = fmaxf(m, p.partial_vmax[(static_cast<int64_t>(bh) * p.splits + i) * D + c]);
+      for (int i = 0; i < p.splits; ++i)
+        m = fmaxf(m, p.partial_vmax[(static_cast<int64_t>(bh) * p.splits + i) * D + c]);
       vs[c] = m / 448.0f;
       if (tile == 0) p.v_scale[static_cast<int64_t>(bh) * D + c] = vs[c];
     }

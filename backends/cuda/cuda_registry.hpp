@@ -7,10 +7,12 @@
 
 namespace sparq::cuda {
 
-// Attention tile: BLOCK_Q query rows per CTA (8 warps x 16 rows), BLOCK_K keys per pipeline step.
+// Attention tile: kAttentionBlockQ query rows per CTA (4 warps x 16 rows; attention_kernel.cuh says why),
+// kBlockK keys per pipeline step; together the mask granularity. kBlockQ is the query block of the PerBlock
+// INT8 groups (docs/NUMERICS.md), the tile of the Q quantization kernel.
 constexpr int kBlockQ = 128;
+constexpr int kAttentionBlockQ = 64;
 constexpr int kBlockK = 64;
-constexpr int kWarps = kBlockQ / 16;
 
 enum class Granularity : int { PerBlock = 0, PerWarp = 1, PerThread = 2 };
 enum class MaskMode : int { None = 0, Lut = 1, Bitmap = 2 };
@@ -46,14 +48,23 @@ struct AttentionParams {
   int mask_mode = 0;  // MaskMode
   int mask_heads = 1;
   int mask_blocks_q = 0, mask_blocks_k = 0;
-  int mask_tiles_q = 1, mask_tiles_k = 1;  // mask block size / kernel tile
+  int mask_block_q = kAttentionBlockQ;  // rows of a mask block (a multiple of the kernel's BLOCK_Q)
+  int mask_tiles_k = 1;        // mask block columns / BLOCK_K
   const uint8_t* mask_bitmap = nullptr;    // [B, Hm, nQB, nKB]
   const int32_t* mask_counts = nullptr;    // [B, Hq, nQB]
   const int32_t* mask_indices = nullptr;   // [B, Hq, nQB, nKB]
+
+  // SpargeAttn stage 2 (P·V skip): λ per query head (log2 units), null = off; counters [skipped, visited]
+  // of (16-row group, key tile) pairs, added to when not null.
+  const float* pv_threshold = nullptr;
+  unsigned long long* pv_counters = nullptr;
 };
 
-// Launches the kernel on `stream` (a cudaStream_t); returns the cudaError_t of the launch as an int.
+// Launches the kernel on `stream` (a cudaStream_t); returns the cudaError_t of the launch as an int, or
+// kLaunchNeedsMoreSharedMemory when the device cannot give the kernel its shared memory (large head dims on
+// GPUs with ~100 KB per block).
 using AttentionLauncher = int (*)(const AttentionParams& params, void* stream);
+constexpr int kLaunchNeedsMoreSharedMemory = -1;
 
 struct AttentionKernel {
   const char* name;   // the variant name, e.g. attention_sm89_d128_fp8

@@ -49,9 +49,10 @@ def _short(key, value):
 
 
 def cuda_variants(cfg: Config):
-    # mma.sync attention, one TU per (path, head dim, P·V precision). Tile: BLOCK_Q = 128 query rows (8 warps x
-    # 16 rows, Q in registers), BLOCK_K = 64 keys per cp.async stage (3 stages while they fit in 96 KB); the
-    # tile lives in backends/cuda/cuda_registry.hpp and attention_kernel.cuh. The sm89 path (FP8 e4m3 P·V, and
+    # mma.sync attention, one TU per (path, head dim, P·V precision). Tile: BLOCK_Q = 64 query rows (4 warps x
+    # 16 rows; 3 CTAs of 168 registers per SM beat one 8-warp CTA by 5-12% on the H100), BLOCK_K = 64 keys per
+    # cp.async stage (3 stages for FP8 P·V, 2 for FP16); the tile lives in backends/cuda/cuda_registry.hpp and
+    # attention_kernel.cuh, which records the measurements. The sm89 path (FP8 e4m3 P·V, and
     # FP16/BF16 P·V on request) also serves sm_90a builds until a wgmma path exists; sm80 has FP16/BF16 P·V only.
     # Head dims must be powers of two >= 32 here (int8 k-steps of 32, swizzled power-of-two rows); others are
     # not generated and the backend reports them as not built. Preprocessing is arch-neutral
@@ -73,13 +74,13 @@ def cuda_variants(cfg: Config):
 
 
 def vulkan_variants(cfg: Config):
-    """The portable Vulkan path (scalar GLSL, runs on any Vulkan 1.1+ device incl. Mesa lavapipe).
+    """The scalar Vulkan path (GLSL, runs on any Vulkan 1.2 device with 16-bit storage, incl. Mesa lavapipe).
 
     - ``kmean``: per (batch, kv head) channel mean of K over tokens (the smoothing vector). Not per head dim.
     - ``quant``: Q and K quantization to INT8 per NUMERICS.md group (one workgroup per span of tokens that
       holds whole groups), K smoothing, Q's scale folded with scale·log2(e), the LSE correction scale·q·km,
       and the fp16/bf16 smoothed K for qk_precision=Fp16. Not per head dim (head dim is a runtime value).
-    - ``attention_d{D}_{mask}``: the fused attention kernel, one per head dim and mask layout.
+    - ``attention_d{D}_{mask}[_idot]``: the fused attention kernel, per head dim, mask layout and flavour.
       Tile choice: a workgroup of 128 threads owns a 64-query-row tile (two threads per row, each holding
       half of the row's fp32 output accumulator and computing half of the 64 keys of a tile), K tiles of
       64 keys (= BK of the numerics contract, so the online-softmax steps match the reference) with the INT8
@@ -90,9 +91,11 @@ def vulkan_variants(cfg: Config):
     """
     out = [Variant("vulkan", "kmean", "glsl/kmean.comp.j2"),
            Variant("vulkan", "quant", "glsl/quant.comp.j2")]
-    # idot: Q·Kᵀ through the packed 4x8-bit dot product (SPV_KHR_integer_dot_product, emitted with
-    # GL_EXT_spirv_intrinsics because glslang 12 lacks GL_EXT_integer_dot_product); the runtime takes it when
-    # the device has shaderIntegerDotProduct, else the plain-integer module.
+    # Two flavours per (head dim, mask): "idot" = the fast one for GPUs: Q·Kᵀ through the packed 4x8-bit dot
+    # product (SPV_KHR_integer_dot_product, emitted with GL_EXT_spirv_intrinsics because glslang 12 lacks
+    # GL_EXT_integer_dot_product) and unrolled inner loops; without idot = the portable one: plain integer
+    # math and rolled inner loops (what CPU implementations such as lavapipe compile quickly). The runtime
+    # picks idot on GPUs with shaderIntegerDotProduct (SPARQ_VULKAN_KERNELS=portable|fast overrides).
     for d in cfg.head_dims:
         for mask in ("none", "bitmap", "lut"):
             for idot in (False, True):

@@ -1,0 +1,476 @@
+// CUDA backend, host side: device selection, memory, the caller's stream, the workspace of quantized operands,
+// kernel choice from the generated registry, and timing. Kernels: cuda_backend_kernels.cu (preprocessing)
+// and the generated attention_sm*_d*_*.cu (attention_kernel.cuh).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstdint>
+#include <string>
+
+#include "backend.hpp"
+#include "cuda_registry.hpp"
+#include "preprocess.hpp"
+
+namespace sparq::detail {
+namespace {
+
+std::string error_text(cudaError_t e) {
+  return std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + ")";
+}
+
+[[noreturn]] void cuda_fail(cudaError_t e, const std::string& what) {
+  cudaGetLastError();  // clear a non-sticky error so the context stays usable
+  fail(e == cudaErrorMemoryAllocation ? Status::OutOfMemory : Status::DeviceError,
+       "CUDA backend: " + what + " failed: " + error_text(e));
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) cuda_fail(e, what);
+}
+
+// Makes `device` current for the lifetime of the guard (a context may be used from any thread).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int now = previous_;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+struct CudaStorage : Storage {
+  void* ptr = nullptr;
+  int device = 0;
+  ~CudaStorage() override {
+    if (owned && ptr) {
+      int previous = device;
+      cudaGetDevice(&previous);
+      cudaSetDevice(device);
+      cudaFree(ptr);
+      cudaSetDevice(previous);
+    }
+  }
+};
+
+// Byte offsets of the workspace's parts, each 256-byte aligned.
+struct WorkspaceLayout {
+  std::size_t q8 = 0, k8 = 0, v8t = 0, q_scale = 0, k_scale = 0, v_scale = 0, q_km = 0, partial_sum = 0,
+              partial_vmax = 0, v_copy = 0, total = 0;
+};
+
+std::size_t take(std::size_t& cursor, std::size_t bytes) {
+  const std::size_t at = cursor;
+  cursor += (bytes + 255) / 256 * 256;
+  return at;
+}
+
+bool aligned16(const void* base, int64_t sb, int64_t sh, int64_t st) {
+  return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && st % 8 == 0;
+}
+
+class CudaBackend final : public BackendImpl {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    DeviceGuard guard(device_);
+    check(cudaGetDeviceProperties(&prop_, device_), "cudaGetDeviceProperties");
+    arch_ = prop_.major * 10 + prop_.minor;
+    // SPARQ_CUDA_PATH=sm80 forces the sm80 kernels on a newer GPU (to test that path anywhere).
+    path_limit_ = arch_;
+    if (const char* forced = std::getenv("SPARQ_CUDA_PATH"); forced && *forced) {
+      const std::string f = forced;
+      if (f != "sm80" && f != "sm89")
+        fail(Status::InvalidArgument, "SPARQ_CUDA_PATH=" + f + ": expected sm80 or sm89");
+      path_limit_ = std::min(arch_, std::stoi(f.substr(2)));
+    }
+    for (cudaEvent_t& e : events_) check(cudaEventCreate(&e), "cudaEventCreate");
+  }
+  ~CudaBackend() override {
+    int previous = device_;
+    cudaGetDevice(&previous);
+    cudaSetDevice(device_);
+    if (workspace_) cudaFree(workspace_);
+    for (cudaEvent_t e : events_)
+      if (e) cudaEventDestroy(e);
+    cudaSetDevice(previous);
+  }
+
+  Backend kind() const override { return Backend::Cuda; }
+  std::string device_name() const override {
+    return std::string(prop_.name) + " (sm_" + std::to_string(arch_) + ")";
+  }
+  std::array<int, 2> mask_granularity() const override { return {cuda::kAttentionBlockQ, cuda::kBlockK}; }
+  // Auto: FP8 P·V where the mma.sync FP8 MMA is native (sm_89); FP16 elsewhere. On Hopper (sm_90) the sm89
+  // path's FP8 P·V measured slower than FP16 (H100, B=4 H=32 N=16K D128: 308 vs 361 TOPS end-to-end) and FP16
+  // is the more accurate, so Auto stays FP16 there until a wgmma path exists; Fp8 can still be asked for.
+  bool supports_pv_skip() const override { return true; }
+  PVPrecision default_pv_precision() const override {
+    return path_limit_ >= 89 && arch_ < 90 && has_fp8_path() ? PVPrecision::Fp8 : PVPrecision::Fp16;
+  }
+
+  std::shared_ptr<Storage> allocate(std::size_t bytes) override {
+    DeviceGuard guard(device_);
+    auto s = std::make_shared<CudaStorage>();
+    s->backend = Backend::Cuda;
+    s->bytes = bytes;
+    s->device = device_;
+    if (bytes) {
+      const cudaError_t e = cudaMalloc(&s->ptr, bytes);
+      if (e != cudaSuccess) cuda_fail(e, "cudaMalloc of " + std::to_string(bytes) + " bytes");
+    }
+    return s;
+  }
+
+  std::shared_ptr<Storage> wrap_cuda(void* device_ptr, std::size_t bytes) override {
+    DeviceGuard guard(device_);
+    cudaPointerAttributes attributes{};
+    const cudaError_t e = cudaPointerGetAttributes(&attributes, device_ptr);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      fail(Status::InvalidArgument, "Context::wrap_cuda: the pointer is not CUDA memory: " + error_text(e));
+    }
+    if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)
+      fail(Status::InvalidArgument, "Context::wrap_cuda: the pointer is not device or managed memory");
+    if (attributes.type == cudaMemoryTypeDevice && attributes.device != device_)
+      fail(Status::InvalidArgument, "Context::wrap_cuda: the pointer belongs to CUDA device " +
+                                        std::to_string(attributes.device) + ", the context uses device " +
+                                        std::to_string(device_));
+    auto s = std::make_shared<CudaStorage>();
+    s->backend = Backend::Cuda;
+    s->bytes = bytes;
+    s->owned = false;
+    s->device = device_;
+    s->ptr = device_ptr;
+    return s;
+  }
+
+  void set_cuda_stream(void* stream) override { stream_ = static_cast<cudaStream_t>(stream); }
+
+  void upload(Storage& dst, std::size_t offset, const void* src, std::size_t bytes) override {
+    if (!bytes) return;
+    DeviceGuard guard(device_);
+    auto* d = static_cast<char*>(device_pointer(dst)) + offset;
+    check(cudaMemcpyAsync(d, src, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync (upload)");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (upload)");
+  }
+
+  void download(const Storage& src, std::size_t offset, void* dst, std::size_t bytes) override {
+    if (!bytes) return;
+    DeviceGuard guard(device_);
+    const auto* s = static_cast<const char*>(device_pointer(src)) + offset;
+    check(cudaMemcpyAsync(dst, s, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync (download)");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (download)");
+  }
+
+  void synchronize() override {
+    DeviceGuard guard(device_);
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+
+  void attention(const AttentionProblem& p) override;
+
+ private:
+  static void* device_pointer(const Storage& s) {
+    if (s.backend != Backend::Cuda)
+      fail(Status::InvalidArgument, "CUDA backend: a tensor of another backend was passed");
+    return static_cast<const CudaStorage&>(s).ptr;
+  }
+  static const char* operand_pointer(const Operand& op) {
+    return static_cast<const char*>(device_pointer(*op.storage)) + op.offset_bytes;
+  }
+  bool has_fp8_path() const {
+    for (std::size_t i = 0; i < cuda::kAttentionKernelCount; ++i)
+      if (cuda::kAttentionKernels[i].pv_fp8) return true;
+    return false;
+  }
+  const cuda::AttentionKernel& choose_kernel(const AttentionProblem& p) const;
+  void reserve_workspace(std::size_t bytes);
+
+  int device_ = 0;
+  int arch_ = 0;
+  int path_limit_ = 0;  // the newest kernel path used: arch_, or lower when SPARQ_CUDA_PATH says so
+  cudaDeviceProp prop_{};
+  cudaStream_t stream_ = nullptr;
+  void* workspace_ = nullptr;
+  std::size_t workspace_bytes_ = 0;
+  cudaEvent_t events_[3] = {nullptr, nullptr, nullptr};
+};
+
+const cuda::AttentionKernel& CudaBackend::choose_kernel(const AttentionProblem& p) const {
+  const bool fp8 = p.pv_precision == PVPrecision::Fp8;
+  if (fp8 && path_limit_ < 89)
+    fail(Status::NotSupported, "FP8 P·V needs compute capability 8.9 or newer; " + device_name() +
+                                   " runs FP16 P·V (pv_precision Fp16 or Auto)");
+  // The newest path the device runs, among those built.
+  int best_arch = 0;
+  for (std::size_t i = 0; i < cuda::kAttentionKernelCount; ++i) {
+    const auto& k = cuda::kAttentionKernels[i];
+    if (k.arch <= path_limit_ && k.head_dim == p.head_dim && k.pv_fp8 == fp8) best_arch = std::max(best_arch, k.arch);
+  }
+  for (std::size_t i = 0; i < cuda::kAttentionKernelCount; ++i) {
+    const auto& k = cuda::kAttentionKernels[i];
+    if (k.arch == best_arch && k.head_dim == p.head_dim && k.pv_fp8 == fp8) return k;
+  }
+  std::string built;
+  for (std::size_t i = 0; i < cuda::kAttentionKernelCount; ++i)
+    built += std::string(built.empty() ? "" : ", ") + cuda::kAttentionKernels[i].name;
+  fail(Status::NotSupported,
+       "the CUDA backend has no attention kernel for head_dim " + std::to_string(p.head_dim) + " with " +
+           (fp8 ? "FP8" : "FP16") + " P·V on " + device_name() +
+           " (built: " + (built.empty() ? "none" : built) +
+           "); rebuild with -Dhead_dims=... including it (powers of two 32..256) and -Dcuda_archs=... for this GPU");
+}
+
+void CudaBackend::reserve_workspace(std::size_t bytes) {
+  if (bytes <= workspace_bytes_) return;
+  if (workspace_) {
+    // cudaFree waits for the work in flight that may still read the old workspace.
+    check(cudaFree(workspace_), "cudaFree (workspace)");
+    workspace_ = nullptr;
+    workspace_bytes_ = 0;
+  }
+  const std::size_t grown = bytes + bytes / 16;  // some slack so that slightly larger calls do not reallocate
+  const cudaError_t e = cudaMalloc(&workspace_, grown);
+  if (e != cudaSuccess) {
+    workspace_ = nullptr;
+    cuda_fail(e, "cudaMalloc of the " + std::to_string(grown) + "-byte workspace");
+  }
+  workspace_bytes_ = grown;
+}
+
+void CudaBackend::attention(const AttentionProblem& p) {
+  if (p.qk_precision != QKPrecision::Int8) not_supported(Backend::Cuda, "fp16 Q·Kᵀ");
+  if (p.mask_layout != MaskLayout::None &&
+      (p.mask_block_q % cuda::kAttentionBlockQ != 0 || p.mask_block_k % cuda::kBlockK != 0))
+    fail(Status::InvalidArgument, "CUDA backend: mask block size must be a multiple of 64x64");
+  const cuda::AttentionKernel& kernel = choose_kernel(p);
+  DeviceGuard guard(device_);
+  if (p.batch == 0 || p.heads_q == 0 || p.tokens_q == 0) {
+    timing_ = Timing{};
+    return;  // nothing to write
+  }
+
+  const bool fp8 = kernel.pv_fp8;
+  const bool in_bf16 = p.q.dtype == DType::BF16;
+  const int B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Nq = p.tokens_q, Nk = p.tokens_k, D = p.head_dim;
+  const int gran = static_cast<int>(p.qk_granularity);
+  const bool want_q_km = p.has_lse && p.smooth_k;
+
+  // V for FP16 P·V is read in place when its rows allow 16-byte copies, else copied to the workspace.
+  const char* v_ptr = operand_pointer(p.v);
+  const bool v_in_place = fp8 || aligned16(v_ptr, p.v.stride_batch, p.v.stride_head, p.v.stride_token);
+
+  cuda::PreprocessParams pre;
+  auto view = [](const Operand& op) {
+    cuda::InputView v;
+    v.data = operand_pointer(op);
+    v.stride_b = op.stride_batch;
+    v.stride_h = op.stride_head;
+    v.stride_t = op.stride_token;
+    v.aligned16 = aligned16(v.data, v.stride_b, v.stride_h, v.stride_t);
+    return v;
+  };
+  pre.q = view(p.q);
+  pre.k = view(p.k);
+  pre.v = view(p.v);
+  pre.in_bf16 = in_bf16;
+  pre.batch = B;
+  pre.heads_q = Hq;
+  pre.heads_kv = Hkv;
+  pre.tokens_q = Nq;
+  pre.tokens_k = Nk;
+  pre.head_dim = D;
+  pre.granularity = gran;
+  pre.smooth_k = p.smooth_k;
+  pre.want_q_km = want_q_km;
+  pre.fp8_v = fp8;
+  pre.scale = p.scale;
+  pre.q_groups = cuda::q_scale_groups(Nq, gran);
+  pre.k_groups = cuda::k_scale_groups(Nk, gran);
+  pre.vt_stride = (Nk + cuda::kBlockK - 1) / cuda::kBlockK * cuda::kBlockK;
+  pre.splits = cuda::stats_splits(B, Hkv, Nk, prop_.multiProcessorCount);
+
+  const std::size_t q_elems = std::size_t(B) * Hq * Nq, kv_rows = std::size_t(B) * Hkv;
+  WorkspaceLayout w;
+  std::size_t cursor = 0;
+  w.q8 = take(cursor, q_elems * D);
+  w.k8 = take(cursor, kv_rows * Nk * D);
+  w.q_scale = take(cursor, std::size_t(B) * Hq * pre.q_groups * sizeof(float));
+  w.k_scale = take(cursor, kv_rows * pre.k_groups * sizeof(float));
+  if (fp8) {
+    w.v8t = take(cursor, kv_rows * D * pre.vt_stride);
+    w.v_scale = take(cursor, kv_rows * D * sizeof(float));
+  }
+  if (want_q_km) w.q_km = take(cursor, q_elems * sizeof(float));
+  w.partial_sum = take(cursor, kv_rows * pre.splits * D * sizeof(float));
+  w.partial_vmax = take(cursor, kv_rows * pre.splits * D * sizeof(float));
+  if (!v_in_place) w.v_copy = take(cursor, kv_rows * Nk * D * 2);
+  const bool stage2 = !p.pv_threshold.empty();
+  std::size_t pv_threshold_at = 0, pv_counters_at = 0;
+  if (stage2) {
+    if (p.pv_threshold.size() != static_cast<std::size_t>(Hq))
+      fail(Status::Internal, "CUDA backend: " + std::to_string(p.pv_threshold.size()) + " P·V thresholds for " +
+                                 std::to_string(Hq) + " query heads");
+    pv_threshold_at = take(cursor, std::size_t(Hq) * sizeof(float));
+    pv_counters_at = take(cursor, 2 * sizeof(unsigned long long));
+  }
+  w.total = cursor;
+  reserve_workspace(w.total);
+  char* ws = static_cast<char*>(workspace_);
+
+  pre.q8 = reinterpret_cast<int8_t*>(ws + w.q8);
+  pre.k8 = reinterpret_cast<int8_t*>(ws + w.k8);
+  pre.q_scale = reinterpret_cast<float*>(ws + w.q_scale);
+  pre.k_scale = reinterpret_cast<float*>(ws + w.k_scale);
+  if (fp8) {
+    pre.v8t = reinterpret_cast<uint8_t*>(ws + w.v8t);
+    pre.v_scale = reinterpret_cast<float*>(ws + w.v_scale);
+  }
+  if (want_q_km) pre.q_km = reinterpret_cast<float*>(ws + w.q_km);
+  pre.partial_sum = reinterpret_cast<float*>(ws + w.partial_sum);
+  pre.partial_vmax = reinterpret_cast<float*>(ws + w.partial_vmax);
+
+  cuda::AttentionParams a;
+  a.q8 = pre.q8;
+  a.k8 = pre.k8;
+  a.q_scale = pre.q_scale;
+  a.k_scale = pre.k_scale;
+  a.v8t = pre.v8t;
+  a.v_scale = pre.v_scale;
+  a.q_km = pre.q_km;
+  if (!fp8) {
+    if (v_in_place) {
+      a.v = v_ptr;
+      a.v_stride_b = p.v.stride_batch;
+      a.v_stride_h = p.v.stride_head;
+      a.v_stride_t = p.v.stride_token;
+    } else {
+      a.v = ws + w.v_copy;
+      a.v_stride_t = D;
+      a.v_stride_h = int64_t(Nk) * D;
+      a.v_stride_b = int64_t(Hkv) * Nk * D;
+    }
+  }
+  a.out = const_cast<char*>(operand_pointer(p.out));
+  a.o_stride_b = p.out.stride_batch;
+  a.o_stride_h = p.out.stride_head;
+  a.o_stride_t = p.out.stride_token;
+  a.out_bf16 = p.out.dtype == DType::BF16;
+  a.in_bf16 = in_bf16;
+  if (p.has_lse) {
+    a.lse = reinterpret_cast<float*>(const_cast<char*>(operand_pointer(p.lse)));
+    a.l_stride_b = p.lse.stride_batch;
+    a.l_stride_h = p.lse.stride_head;
+    a.l_stride_t = p.lse.stride_token;
+  }
+  a.batch = B;
+  a.heads_q = Hq;
+  a.heads_kv = Hkv;
+  a.tokens_q = Nq;
+  a.tokens_k = Nk;
+  a.kv_group = p.kv_group();
+  a.q_groups = pre.q_groups;
+  a.k_groups = pre.k_groups;
+  a.vt_stride = pre.vt_stride;
+  a.granularity = gran;
+  a.causal = p.causal;
+  if (p.mask_layout != MaskLayout::None) {
+    a.mask_mode = static_cast<int>(p.mask_layout == MaskLayout::Lut ? cuda::MaskMode::Lut : cuda::MaskMode::Bitmap);
+    a.mask_heads = p.mask_heads;
+    a.mask_blocks_q = p.mask_blocks_q;
+    a.mask_blocks_k = p.mask_blocks_k;
+    a.mask_block_q = p.mask_block_q;
+    a.mask_tiles_k = p.mask_block_k / cuda::kBlockK;
+    if (p.mask_layout == MaskLayout::Lut) {
+      a.mask_counts = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_counts));
+      a.mask_indices = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_indices));
+    } else {
+      a.mask_bitmap = reinterpret_cast<const uint8_t*>(operand_pointer(p.mask_bitmap));
+    }
+  }
+
+  if (stage2) {
+    a.pv_threshold = reinterpret_cast<const float*>(ws + pv_threshold_at);
+    check(cudaMemcpyAsync(ws + pv_threshold_at, p.pv_threshold.data(), std::size_t(Hq) * sizeof(float),
+                          cudaMemcpyHostToDevice, stream_),
+          "cudaMemcpyAsync (P·V thresholds)");
+    if (p.stats) {
+      a.pv_counters = reinterpret_cast<unsigned long long*>(ws + pv_counters_at);
+      check(cudaMemsetAsync(a.pv_counters, 0, 2 * sizeof(unsigned long long), stream_), "cudaMemsetAsync");
+    }
+  }
+
+  if (profiling_) check(cudaEventRecord(events_[0], stream_), "cudaEventRecord");
+  if (!v_in_place && Nk > 0) {
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < Hkv; ++h)
+        check(cudaMemcpy2DAsync(ws + w.v_copy + ((std::size_t(b) * Hkv + h) * Nk) * D * 2, std::size_t(D) * 2,
+                                v_ptr + 2 * (b * p.v.stride_batch + h * p.v.stride_head),
+                                std::size_t(p.v.stride_token) * 2, std::size_t(D) * 2, Nk, cudaMemcpyDeviceToDevice,
+                                stream_),
+              "cudaMemcpy2DAsync (V rows to 16-byte aligned workspace)");
+  }
+  // With no keys there is nothing to quantize: the kernel writes O = 0 and LSE = -inf.
+  if (Nk > 0) {
+    if (const int e = cuda::launch_preprocess(pre, stream_); e != 0)
+      cuda_fail(static_cast<cudaError_t>(e), "launching the preprocessing kernels");
+  }
+  if (profiling_) check(cudaEventRecord(events_[1], stream_), "cudaEventRecord");
+  if (const int e = kernel.launch(a, stream_); e != 0) {
+    if (e == cuda::kLaunchNeedsMoreSharedMemory)
+      fail(Status::NotSupported, std::string("the CUDA kernel ") + kernel.name +
+                                     " needs more shared memory per block than " + device_name() + " offers");
+    cuda_fail(static_cast<cudaError_t>(e), std::string("launching ") + kernel.name);
+  }
+  if (profiling_) {
+    check(cudaEventRecord(events_[2], stream_), "cudaEventRecord");
+    check(cudaEventSynchronize(events_[2]), "cudaEventSynchronize (a kernel failed)");
+    float total = 0, attention = 0;
+    check(cudaEventElapsedTime(&total, events_[0], events_[2]), "cudaEventElapsedTime");
+    check(cudaEventElapsedTime(&attention, events_[1], events_[2]), "cudaEventElapsedTime");
+    timing_.total_ms = total;
+    timing_.attention_ms = attention;
+  }
+  if (a.pv_counters) {
+    unsigned long long counters[2] = {0, 0};
+    check(cudaMemcpyAsync(counters, a.pv_counters, sizeof counters, cudaMemcpyDeviceToHost, stream_),
+          "cudaMemcpyAsync (stage-2 statistics)");
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (stage-2 statistics)");
+    p.stats->pv_skipped += static_cast<int64_t>(counters[0]);
+    p.stats->pv_total += static_cast<int64_t>(counters[1]);
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<BackendImpl> make_cuda_backend(int device) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    fail(Status::BackendUnavailable, "no usable CUDA driver or device: " + error_text(e));
+  }
+  if (count == 0) fail(Status::BackendUnavailable, "no CUDA device found");
+  if (device < 0) device = 0;
+  if (device >= count)
+    fail(Status::InvalidArgument,
+         "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) + " devices)");
+  cudaDeviceProp prop{};
+  if (const cudaError_t pe = cudaGetDeviceProperties(&prop, device); pe != cudaSuccess)
+    fail(Status::BackendUnavailable, "cudaGetDeviceProperties failed: " + error_text(pe));
+  if (prop.major < 8)
+    fail(Status::BackendUnavailable, std::string("CUDA device ") + prop.name + " has compute capability " +
+                                         std::to_string(prop.major) + "." + std::to_string(prop.minor) +
+                                         "; the CUDA backend needs 8.0 or newer");
+  return std::make_shared<CudaBackend>(device);
+}
+
+}  // namespace sparq::detail
