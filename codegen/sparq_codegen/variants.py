@@ -84,7 +84,7 @@ def vulkan_variants(cfg: Config):
       Tile choice: a workgroup of 128 threads owns a 64-query-row tile (two threads per row, each holding
       half of the row's fp32 output accumulator and computing half of the 64 keys of a tile), K tiles of
       64 keys (= BK of the numerics contract, so the online-softmax steps match the reference) with the INT8
-      K tile and the fp16/bf16 V tile staged in shared memory (24 KiB at D=128, within lavapipe's 32 KiB).
+      K tile and the fp16/bf16 V tile staged in shared memory (about 26 KiB, within lavapipe's 32 KiB).
       Mask blocks must therefore be multiples of 64x64. Causal, input/output dtype and the fp16 Q·Kᵀ path
       are specialization constants and sizes/strides/tails are runtime parameters, so they cost no build
       variants: 2 + 6·len(head_dims) SPIR-V modules.

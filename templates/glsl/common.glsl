@@ -15,6 +15,7 @@ layout(std140, set = 0, binding = 0) uniform ParamsBlock {
   uint lse_off, lse_sb, lse_sh, has_lse;
   uint smooth_k, q_span, q_inner, k_span, k_inner, nqg, nkg;
   uint mask_bq, mask_bk, mask_hm, mask_nqb, mask_nkb, mask_off, mask_off2;
+  uint pv_skip;  // SpargeAttn stage 2 on: thresholds in pv_thr
 } P;
 
 layout(std430, set = 0, binding = 1) readonly buffer QIn { uint16_t q_in[]; };
@@ -32,6 +33,12 @@ layout(std430, set = 0, binding = 12) readonly buffer MaskBits { uint mask_bits[
 layout(std430, set = 0, binding = 13) readonly buffer MaskCounts { int mask_counts[]; };
 layout(std430, set = 0, binding = 14) readonly buffer MaskIdx { int mask_idx[]; };
 layout(std430, set = 0, binding = 15) buffer K16 { uint16_t k16[]; };   // [B, Hkv, Nk, D] smoothed K (fp16 QK)
+// 16-byte views of the same bindings, for aligned vector loads (aliasing one binding is allowed).
+layout(std430, set = 0, binding = 3) readonly buffer VIn4 { uvec4 v_in4[]; };
+layout(std430, set = 0, binding = 7) readonly buffer K84 { uvec4 k8_4[]; };
+layout(std430, set = 0, binding = 15) readonly buffer K164 { uvec4 k16_4[]; };
+layout(std430, set = 0, binding = 16) readonly buffer PvThr { float pv_thr[]; };  // [Hq] λ, log2 units
+layout(std430, set = 0, binding = 17) buffer PvStats { uint pv_stats[]; };      // [total, skipped]
 
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;

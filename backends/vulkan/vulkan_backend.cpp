@@ -1,0 +1,573 @@
+// The Vulkan backend: storage as device-local buffers (copies through a host-visible staging buffer),
+// attention as up to four dispatches of the generated kernels (templates/glsl):
+//   kmean (K smoothing vector) -> quant (Q and K to INT8 per group) -> attention_d{D}_{mask}[_idot]
+// recorded in one command buffer, with timestamps around the whole and around the attention kernel.
+#include "backend.hpp"
+#include "vulkan_debug.hpp"
+#include "vulkan_device.hpp"
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+
+// Vulkan create-info structs are brace-initialised with their sType only; the rest is zero on purpose.
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#endif
+
+namespace sparq::detail {
+// The Vulkan entry points are pointers in sparq::vulkan, loaded at run time (vulkan_loader.hpp).
+using namespace sparq::vulkan;
+namespace {
+
+using vulkan::Buffer;
+using vulkan::check;
+using vulkan::Device;
+
+// The uniform parameter block of every kernel (templates/glsl/common.glsl, ParamsBlock: same order).
+struct VkParams {
+  std::uint32_t B, Hq, Hkv, Nq, Nk, D, group_size;
+  float scale;
+  std::uint32_t q_off, q_sb, q_sh, q_st;
+  std::uint32_t k_off, k_sb, k_sh, k_st;
+  std::uint32_t v_off, v_sb, v_sh, v_st;
+  std::uint32_t o_off, o_sb, o_sh, o_st;
+  std::uint32_t lse_off, lse_sb, lse_sh, has_lse;
+  std::uint32_t smooth_k, q_span, q_inner, k_span, k_inner, nqg, nkg;
+  std::uint32_t mask_bq, mask_bk, mask_hm, mask_nqb, mask_nkb, mask_off, mask_off2;
+  std::uint32_t pv_skip;
+};
+static_assert(sizeof(VkParams) % 4 == 0, "vkCmdUpdateBuffer needs a multiple of 4 bytes");
+
+constexpr int kTile = 64;  // query rows and keys per attention tile (= mask granularity)
+
+class VulkanBackend;
+
+struct VulkanStorage : Storage {
+  std::shared_ptr<VulkanBackend> owner;
+  Buffer buffer;
+  ~VulkanStorage() override;
+};
+
+// One descriptor: a buffer range.
+struct BindRange {
+  VkBuffer buffer = VK_NULL_HANDLE;
+  VkDeviceSize offset = 0, range = 0;
+  bool operator<(const BindRange& o) const {
+    return std::tie(buffer, offset, range) < std::tie(o.buffer, o.offset, o.range);
+  }
+};
+using BindSet = std::array<BindRange, 1 + vulkan::kStorageBindings>;
+
+class VulkanBackend final : public BackendImpl, public std::enable_shared_from_this<VulkanBackend> {
+ public:
+  explicit VulkanBackend(std::shared_ptr<Device> device) : dev_(std::move(device)) { init(); }
+  ~VulkanBackend() override;
+
+  Backend kind() const override { return Backend::Vulkan; }
+  std::string device_name() const override { return dev_->name(); }
+  std::array<int, 2> mask_granularity() const override { return {kTile, kTile}; }
+  PVPrecision default_pv_precision() const override { return PVPrecision::Fp16; }
+  bool supports_pv_skip() const override { return true; }
+
+  std::shared_ptr<Storage> allocate(std::size_t bytes) override;
+  void upload(Storage& dst, std::size_t offset, const void* src, std::size_t bytes) override;
+  void download(const Storage& src, std::size_t offset, void* dst, std::size_t bytes) override;
+  void attention(const AttentionProblem& p) override;
+  void synchronize() override { wait(); }
+
+  void release(Buffer& buffer);  // from ~VulkanStorage
+
+ private:
+  void init();
+  void wait();
+  void begin();
+  void submit();
+  void ensure(Buffer& b, VkDeviceSize bytes, bool host_visible = false);
+  VkDescriptorSet descriptor_set(const BindSet& binds);
+  void reset_descriptors();
+  void copy(VkBuffer src, VkDeviceSize src_off, VkBuffer dst, VkDeviceSize dst_off, VkDeviceSize bytes);
+
+  std::shared_ptr<Device> dev_;
+  VkDevice vk_ = VK_NULL_HANDLE;
+  VkCommandPool pool_ = VK_NULL_HANDLE;
+  VkCommandBuffer cmd_ = VK_NULL_HANDLE;
+  VkFence fence_ = VK_NULL_HANDLE;
+  VkQueryPool queries_ = VK_NULL_HANDLE;
+  VkDescriptorPool dpool_ = VK_NULL_HANDLE;
+  std::map<BindSet, VkDescriptorSet> dsets_;
+  bool pending_ = false;
+
+  Buffer staging_, params_, dummy_;
+  // Scratch of the preprocessing passes (grow-only).
+  Buffer q8_, k8_, qscale_, kscale_, kmean_, qkm_, k16_;
+  Buffer pv_thr_, pv_stats_;  // SpargeAttn stage 2: thresholds [Hq], counters [total, skipped]
+};
+
+constexpr std::uint32_t kMaxSets = 256;
+
+VulkanStorage::~VulkanStorage() {
+  if (owner) owner->release(buffer);
+}
+
+VulkanBackend::~VulkanBackend() {
+  if (!vk_) return;
+  vkDeviceWaitIdle(vk_);
+  for (Buffer* b : {&staging_, &params_, &dummy_, &q8_, &k8_, &qscale_, &kscale_, &kmean_, &qkm_, &k16_, &pv_thr_, &pv_stats_})
+    dev_->destroy_buffer(*b);
+  if (dpool_) vkDestroyDescriptorPool(vk_, dpool_, nullptr);
+  if (queries_) vkDestroyQueryPool(vk_, queries_, nullptr);
+  if (fence_) vkDestroyFence(vk_, fence_, nullptr);
+  if (pool_) vkDestroyCommandPool(vk_, pool_, nullptr);
+}
+
+void VulkanBackend::init() {
+  vk_ = dev_->device();
+  VkCommandPoolCreateInfo cpci{VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO};
+  cpci.flags = VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT;
+  cpci.queueFamilyIndex = dev_->queue_family();
+  check(vkCreateCommandPool(vk_, &cpci, nullptr, &pool_), "vkCreateCommandPool");
+  VkCommandBufferAllocateInfo cbai{VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO};
+  cbai.commandPool = pool_;
+  cbai.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY;
+  cbai.commandBufferCount = 1;
+  check(vkAllocateCommandBuffers(vk_, &cbai, &cmd_), "vkAllocateCommandBuffers");
+  VkFenceCreateInfo fci{VK_STRUCTURE_TYPE_FENCE_CREATE_INFO};
+  check(vkCreateFence(vk_, &fci, nullptr, &fence_), "vkCreateFence");
+  if (dev_->timestamp_valid_bits()) {
+    VkQueryPoolCreateInfo qpci{VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO};
+    qpci.queryType = VK_QUERY_TYPE_TIMESTAMP;
+    qpci.queryCount = 3;
+    check(vkCreateQueryPool(vk_, &qpci, nullptr, &queries_), "vkCreateQueryPool");
+  }
+  std::array<VkDescriptorPoolSize, 2> sizes{{{VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER, kMaxSets},
+                                             {VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, kMaxSets * vulkan::kStorageBindings}}};
+  VkDescriptorPoolCreateInfo dpci{VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO};
+  dpci.maxSets = kMaxSets;
+  dpci.poolSizeCount = static_cast<std::uint32_t>(sizes.size());
+  dpci.pPoolSizes = sizes.data();
+  check(vkCreateDescriptorPool(vk_, &dpci, nullptr, &dpool_), "vkCreateDescriptorPool");
+  params_ = dev_->create_buffer(sizeof(VkParams), VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT,
+                                false);
+  dummy_ = dev_->create_buffer(256, VK_BUFFER_USAGE_STORAGE_BUFFER_BIT, false);
+}
+
+void VulkanBackend::wait() {
+  if (!pending_) return;
+  pending_ = false;
+  check(vkWaitForFences(vk_, 1, &fence_, VK_TRUE, UINT64_MAX), "vkWaitForFences");
+  check(vkResetFences(vk_, 1, &fence_), "vkResetFences");
+}
+
+void VulkanBackend::begin() {
+  wait();
+  check(vkResetCommandBuffer(cmd_, 0), "vkResetCommandBuffer");
+  VkCommandBufferBeginInfo bi{VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO};
+  bi.flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT;
+  check(vkBeginCommandBuffer(cmd_, &bi), "vkBeginCommandBuffer");
+  // Make everything earlier submissions (and the host) wrote visible to this one.
+  VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
+  mb.srcAccessMask = VK_ACCESS_MEMORY_WRITE_BIT | VK_ACCESS_HOST_WRITE_BIT;
+  mb.dstAccessMask = VK_ACCESS_MEMORY_READ_BIT | VK_ACCESS_MEMORY_WRITE_BIT;
+  vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_ALL_COMMANDS_BIT | VK_PIPELINE_STAGE_HOST_BIT,
+                       VK_PIPELINE_STAGE_ALL_COMMANDS_BIT, 0, 1, &mb, 0, nullptr, 0, nullptr);
+}
+
+void VulkanBackend::submit() {
+  // Results become visible to the host after the fence wait.
+  VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
+  mb.srcAccessMask = VK_ACCESS_MEMORY_WRITE_BIT;
+  mb.dstAccessMask = VK_ACCESS_HOST_READ_BIT;
+  vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_ALL_COMMANDS_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb, 0, nullptr, 0,
+                       nullptr);
+  check(vkEndCommandBuffer(cmd_), "vkEndCommandBuffer");
+  VkSubmitInfo si{VK_STRUCTURE_TYPE_SUBMIT_INFO};
+  si.commandBufferCount = 1;
+  si.pCommandBuffers = &cmd_;
+  {
+    std::lock_guard<std::mutex> lock(dev_->queue_mutex());
+    check(vkQueueSubmit(dev_->queue(), 1, &si, fence_), "vkQueueSubmit");
+  }
+  pending_ = true;
+}
+
+void VulkanBackend::release(Buffer& buffer) {
+  try {
+    wait();
+  } catch (...) {
+    // A failed wait (device lost) must not escape a destructor; the buffer is freed regardless.
+  }
+  reset_descriptors();
+  dev_->destroy_buffer(buffer);
+}
+
+void VulkanBackend::reset_descriptors() {
+  if (dsets_.empty()) return;
+  vkResetDescriptorPool(vk_, dpool_, 0);
+  dsets_.clear();
+}
+
+void VulkanBackend::ensure(Buffer& b, VkDeviceSize bytes, bool host_visible) {
+  if (b.buffer && b.size >= bytes) return;
+  wait();
+  reset_descriptors();
+  dev_->destroy_buffer(b);
+  VkDeviceSize size = std::max<VkDeviceSize>(bytes, 256);
+  VkBufferUsageFlags usage = host_visible ? VK_BUFFER_USAGE_TRANSFER_SRC_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT
+                                          : VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
+                                                VK_BUFFER_USAGE_TRANSFER_DST_BIT;
+  b = dev_->create_buffer(size, usage, host_visible);
+}
+
+VkDescriptorSet VulkanBackend::descriptor_set(const BindSet& binds) {
+  auto it = dsets_.find(binds);
+  if (it != dsets_.end()) return it->second;
+  if (dsets_.size() >= kMaxSets) {
+    wait();
+    reset_descriptors();
+  }
+  VkDescriptorSetLayout layout = dev_->set_layout();
+  VkDescriptorSetAllocateInfo ai{VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO};
+  ai.descriptorPool = dpool_;
+  ai.descriptorSetCount = 1;
+  ai.pSetLayouts = &layout;
+  VkDescriptorSet set = VK_NULL_HANDLE;
+  check(vkAllocateDescriptorSets(vk_, &ai, &set), "vkAllocateDescriptorSets");
+  std::array<VkDescriptorBufferInfo, 1 + vulkan::kStorageBindings> infos;
+  std::array<VkWriteDescriptorSet, 1 + vulkan::kStorageBindings> writes;
+  for (std::size_t i = 0; i < binds.size(); ++i) {
+    infos[i] = {binds[i].buffer, binds[i].offset, binds[i].range};
+    writes[i] = VkWriteDescriptorSet{VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET};
+    writes[i].dstSet = set;
+    writes[i].dstBinding = static_cast<std::uint32_t>(i);
+    writes[i].descriptorCount = 1;
+    writes[i].descriptorType = i == 0 ? VK_DESCRIPTOR_TYPE_UNIFORM_BUFFER : VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+    writes[i].pBufferInfo = &infos[i];
+  }
+  vkUpdateDescriptorSets(vk_, static_cast<std::uint32_t>(writes.size()), writes.data(), 0, nullptr);
+  dsets_[binds] = set;
+  return set;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Memory
+
+std::shared_ptr<Storage> VulkanBackend::allocate(std::size_t bytes) {
+  auto s = std::make_shared<VulkanStorage>();
+  s->buffer = dev_->create_buffer(bytes, VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_SRC_BIT |
+                                             VK_BUFFER_USAGE_TRANSFER_DST_BIT,
+                                  false);
+  s->owner = shared_from_this();
+  s->bytes = bytes;
+  s->backend = Backend::Vulkan;
+  return s;
+}
+
+void VulkanBackend::copy(VkBuffer src, VkDeviceSize src_off, VkBuffer dst, VkDeviceSize dst_off, VkDeviceSize bytes) {
+  begin();
+  VkBufferCopy region{src_off, dst_off, bytes};
+  vkCmdCopyBuffer(cmd_, src, dst, 1, &region);
+  submit();
+  wait();
+}
+
+constexpr std::size_t kStagingChunk = std::size_t(64) << 20;
+
+void VulkanBackend::upload(Storage& dst, std::size_t offset, const void* src, std::size_t bytes) {
+  auto& d = static_cast<VulkanStorage&>(dst);
+  if (offset + bytes > d.bytes) fail(Status::Internal, "vulkan: upload out of the buffer's range");
+  for (std::size_t done = 0; done < bytes;) {
+    std::size_t n = std::min(kStagingChunk, bytes - done);
+    ensure(staging_, std::min(kStagingChunk, bytes), true);
+    wait();
+    std::memcpy(staging_.mapped, static_cast<const std::byte*>(src) + done, n);
+    copy(staging_.buffer, 0, d.buffer.buffer, offset + done, n);
+    done += n;
+  }
+}
+
+void VulkanBackend::download(const Storage& src, std::size_t offset, void* dst, std::size_t bytes) {
+  auto& s = static_cast<const VulkanStorage&>(src);
+  if (offset + bytes > s.bytes) fail(Status::Internal, "vulkan: download out of the buffer's range");
+  for (std::size_t done = 0; done < bytes;) {
+    std::size_t n = std::min(kStagingChunk, bytes - done);
+    ensure(staging_, std::min(kStagingChunk, bytes), true);
+    copy(s.buffer.buffer, offset + done, staging_.buffer, 0, n);
+    std::memcpy(static_cast<std::byte*>(dst) + done, staging_.mapped, n);
+    done += n;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention
+
+std::uint32_t u32(int64_t v, const char* what) {
+  if (v < 0 || v > int64_t(UINT32_MAX))
+    not_supported(Backend::Vulkan, std::string(what) + " = " + std::to_string(v) + " (beyond 32-bit indexing)");
+  return static_cast<std::uint32_t>(v);
+}
+
+// Binds [offset, offset + extent) of an operand's buffer: the descriptor starts at the offset rounded down to
+// the device's alignment; returns the operand's first element relative to the descriptor.
+struct OperandBinding {
+  BindRange range;
+  std::uint32_t first = 0;
+};
+
+}  // namespace
+
+namespace {
+
+OperandBinding bind_operand(const Device& dev, const Operand& op, std::size_t elem, int64_t last_index,
+                            const char* name) {
+  auto* s = static_cast<VulkanStorage*>(op.storage);
+  if (op.offset_bytes % elem) fail(Status::InvalidArgument, std::string("vulkan: ") + name + " is not aligned to its element size");
+  // 16: the kernels read aligned rows as uvec4 relative to the descriptor's start.
+  VkDeviceSize align = std::max<VkDeviceSize>(16, dev.properties().limits.minStorageBufferOffsetAlignment);
+  VkDeviceSize lo = op.offset_bytes / align * align;
+  VkDeviceSize hi = op.offset_bytes + static_cast<VkDeviceSize>(last_index + 1) * elem;
+  hi = std::min<VkDeviceSize>((hi + 3) / 4 * 4, s->buffer.size);
+  OperandBinding b;
+  b.range = {s->buffer.buffer, lo, hi - lo};
+  if (hi - lo > dev.properties().limits.maxStorageBufferRange)
+    not_supported(Backend::Vulkan, std::string(name) + " spans " + std::to_string(hi - lo) +
+                                       " bytes, more than this device's maxStorageBufferRange " +
+                                       std::to_string(dev.properties().limits.maxStorageBufferRange));
+  b.first = u32(static_cast<int64_t>((op.offset_bytes - lo) / elem), name);
+  return b;
+}
+
+int64_t last_index(const Operand& op, int batch, int heads, int tokens, int dim) {
+  return int64_t(batch - 1) * op.stride_batch + int64_t(heads - 1) * op.stride_head +
+         int64_t(tokens - 1) * op.stride_token + (dim - 1);
+}
+
+}  // namespace
+
+void VulkanBackend::attention(const AttentionProblem& p) {
+  if (p.pv_precision == PVPrecision::Fp8) not_supported(Backend::Vulkan, "fp8 P·V");
+  if (p.batch <= 0 || p.heads_q <= 0 || p.tokens_q <= 0) return;  // nothing to compute
+  const bool int8 = p.qk_precision == QKPrecision::Int8;
+  const bool in_bf16 = p.q.dtype == DType::BF16;
+  const bool out_bf16 = p.out.dtype == DType::BF16;
+  const int D = p.head_dim;
+  const char* mask = p.mask_layout == MaskLayout::None ? "none" : p.mask_layout == MaskLayout::Bitmap ? "bitmap" : "lut";
+  // Two flavours of the attention kernel: "fast" (packed 4x8-bit dot product, unrolled inner loops) for GPUs
+  // with shaderIntegerDotProduct, "portable" (plain integer math, rolled inner loops: compiles in a second on
+  // CPU implementations such as lavapipe, where the unrolled one takes many). SPARQ_VULKAN_KERNELS=portable
+  // or =fast overrides the choice (fast needs shaderIntegerDotProduct).
+  bool idot = dev_->features().integer_dot_product &&
+              dev_->properties().deviceType != VK_PHYSICAL_DEVICE_TYPE_CPU;
+  if (const char* flavour = std::getenv("SPARQ_VULKAN_KERNELS"); flavour && *flavour) {
+    if (std::strcmp(flavour, "portable") == 0) idot = false;
+    else if (std::strcmp(flavour, "fast") == 0) idot = dev_->features().integer_dot_product;
+  }
+  std::string kernel = "attention_d" + std::to_string(D) + "_" + mask + (idot ? "_idot" : "");
+  if (!Device::has_kernel(kernel))
+    not_supported(Backend::Vulkan, "head_dim " + std::to_string(D) +
+                                       " (no kernel was generated for it; reconfigure with -Dhead_dims=...," +
+                                       std::to_string(D) + ")");
+  const auto& limits = dev_->properties().limits;
+  const int Nk = p.tokens_k;
+  const bool smooth = p.smooth_k && Nk > 0;
+
+  // Quantization groups (NUMERICS.md): group of token t = (t / span)·inner + t % inner.
+  std::uint32_t q_span = 128, q_inner = 1, k_span = 64, k_inner = 1;
+  if (int8 && p.qk_granularity == QKGranularity::PerWarp) q_span = 16;
+  if (int8 && p.qk_granularity == QKGranularity::PerThread) q_span = 16, q_inner = 8, k_inner = 8;
+  const std::uint32_t q_spans = (p.tokens_q + q_span - 1) / q_span, k_spans = (Nk + k_span - 1) / k_span;
+
+  VkParams prm{};
+  prm.B = p.batch, prm.Hq = p.heads_q, prm.Hkv = p.heads_kv, prm.Nq = p.tokens_q, prm.Nk = Nk, prm.D = D;
+  prm.group_size = p.kv_group();
+  prm.scale = p.scale;
+  prm.q_span = q_span, prm.q_inner = q_inner, prm.k_span = k_span, prm.k_inner = k_inner;
+  prm.nqg = q_spans * q_inner, prm.nkg = k_spans * k_inner;
+  prm.smooth_k = smooth ? 1 : 0;
+  prm.has_lse = p.has_lse ? 1 : 0;
+
+  BindSet binds;
+  auto dummy = BindRange{dummy_.buffer, 0, dummy_.size};
+  binds.fill(dummy);
+  binds[0] = {params_.buffer, 0, sizeof(VkParams)};
+  auto bind_attn_operand = [&](int slot, const Operand& op, int heads, int tokens, std::uint32_t& off,
+                               std::uint32_t& sb, std::uint32_t& sh, std::uint32_t& st, const char* name) {
+    OperandBinding b = bind_operand(*dev_, op, 2, last_index(op, p.batch, heads, tokens, D), name);
+    binds[slot] = b.range;
+    off = b.first;
+    sb = u32(op.stride_batch, "stride"), sh = u32(op.stride_head, "stride"), st = u32(op.stride_token, "stride");
+  };
+  bind_attn_operand(1, p.q, p.heads_q, p.tokens_q, prm.q_off, prm.q_sb, prm.q_sh, prm.q_st, "q");
+  if (Nk > 0) {
+    bind_attn_operand(2, p.k, p.heads_kv, Nk, prm.k_off, prm.k_sb, prm.k_sh, prm.k_st, "k");
+    bind_attn_operand(3, p.v, p.heads_kv, Nk, prm.v_off, prm.v_sb, prm.v_sh, prm.v_st, "v");
+  }
+  bind_attn_operand(4, p.out, p.heads_q, p.tokens_q, prm.o_off, prm.o_sb, prm.o_sh, prm.o_st, "out");
+  if (p.has_lse) {
+    Operand l = p.lse;
+    OperandBinding b = bind_operand(*dev_, l, 4,
+                                    int64_t(p.batch - 1) * l.stride_batch + int64_t(p.heads_q - 1) * l.stride_head +
+                                        (p.tokens_q - 1),
+                                    "lse");
+    binds[5] = b.range;
+    prm.lse_off = b.first, prm.lse_sb = u32(l.stride_batch, "stride"), prm.lse_sh = u32(l.stride_head, "stride");
+  }
+  if (p.mask_layout != MaskLayout::None) {
+    prm.mask_bq = p.mask_block_q / kTile, prm.mask_bk = p.mask_block_k / kTile;
+    prm.mask_nqb = p.mask_blocks_q, prm.mask_nkb = p.mask_blocks_k;
+    prm.mask_hm = p.mask_layout == MaskLayout::Bitmap ? p.mask_heads : p.heads_q;
+    int64_t rows = int64_t(p.batch) * prm.mask_hm * p.mask_blocks_q;
+    if (p.mask_layout == MaskLayout::Bitmap) {
+      OperandBinding b = bind_operand(*dev_, p.mask_bitmap, 1, rows * p.mask_blocks_k - 1, "mask bitmap");
+      binds[12] = b.range;
+      prm.mask_off = b.first;
+    } else {
+      OperandBinding c = bind_operand(*dev_, p.mask_counts, 4, rows - 1, "mask counts");
+      OperandBinding i = bind_operand(*dev_, p.mask_indices, 4, rows * p.mask_blocks_k - 1, "mask indices");
+      binds[13] = c.range, binds[14] = i.range;
+      prm.mask_off = c.first, prm.mask_off2 = i.first;
+    }
+  }
+
+  // Scratch.
+  const VkDeviceSize q8_bytes = VkDeviceSize(p.batch) * p.heads_q * p.tokens_q * D;
+  const VkDeviceSize k8_bytes = VkDeviceSize(p.batch) * p.heads_kv * std::max(Nk, 1) * D;
+  for (VkDeviceSize bytes : {q8_bytes, k8_bytes * 2})
+    if (bytes > limits.maxStorageBufferRange)
+      not_supported(Backend::Vulkan, "this problem size: its scratch of " + std::to_string(bytes) +
+                                         " bytes is more than this device's maxStorageBufferRange " +
+                                         std::to_string(limits.maxStorageBufferRange));
+  if (int8) {
+    ensure(q8_, q8_bytes);
+    ensure(k8_, k8_bytes);
+    ensure(qscale_, VkDeviceSize(p.batch) * p.heads_q * prm.nqg * 4);
+    ensure(kscale_, VkDeviceSize(p.batch) * p.heads_kv * std::max<std::uint32_t>(prm.nkg, 1) * 4);
+  } else {
+    ensure(k16_, k8_bytes * 2);
+  }
+  ensure(kmean_, VkDeviceSize(p.batch) * p.heads_kv * D * 4);
+  ensure(qkm_, VkDeviceSize(p.batch) * p.heads_q * p.tokens_q * 4);
+  auto whole = [](const Buffer& b) { return BindRange{b.buffer, 0, b.size}; };
+  if (int8) {
+    binds[6] = whole(q8_), binds[7] = whole(k8_), binds[8] = whole(qscale_), binds[9] = whole(kscale_);
+  } else {
+    binds[15] = whole(k16_);
+  }
+  binds[10] = whole(kmean_);
+  binds[11] = whole(qkm_);
+  const bool pv_skip = !p.pv_threshold.empty();
+  if (pv_skip) {
+    if (p.pv_threshold.size() != std::size_t(p.heads_q) || p.heads_q > 16384)
+      fail(Status::Internal, "vulkan: pv_threshold must hold one value per query head (at most 16384)");
+    ensure(pv_thr_, VkDeviceSize(p.heads_q) * 4);
+    ensure(pv_stats_, 16);
+    binds[16] = whole(pv_thr_), binds[17] = whole(pv_stats_);
+    prm.pv_skip = 1;
+  }
+
+  // Grid limits.
+  const std::uint32_t q_tiles = (p.tokens_q + kTile - 1) / kTile;
+  for (auto [x, name] : {std::pair<std::uint32_t, const char*>{q_tiles, "query tiles"}, {q_spans, "query spans"},
+                         {k_spans, "key spans"}})
+    if (x > limits.maxComputeWorkGroupCount[0]) not_supported(Backend::Vulkan, std::string("this many ") + name);
+  if (std::uint32_t(p.heads_q) > limits.maxComputeWorkGroupCount[1] ||
+      std::uint32_t(p.batch) > limits.maxComputeWorkGroupCount[2])
+    not_supported(Backend::Vulkan, "this many heads or batches (workgroup count limit)");
+
+  const VkBool32 b_in = in_bf16, b_out = out_bf16, b_fp16 = !int8, b_causal = p.causal;
+  VkPipeline kmean = smooth ? dev_->pipeline("kmean", {b_in}) : VK_NULL_HANDLE;
+  VkPipeline quant = dev_->pipeline("quant", {b_in, b_fp16});
+  VkPipeline attn = dev_->pipeline(kernel, {b_in, b_out, b_fp16, b_causal});
+
+  // Record.
+  VkDescriptorSet set = descriptor_set(binds);
+  begin();
+  vkCmdUpdateBuffer(cmd_, params_.buffer, 0, sizeof(VkParams), &prm);
+  if (pv_skip) {
+    vkCmdUpdateBuffer(cmd_, pv_thr_.buffer, 0, VkDeviceSize(p.heads_q) * 4, p.pv_threshold.data());
+    vkCmdFillBuffer(cmd_, pv_stats_.buffer, 0, 16, 0u);
+  }
+  VkMemoryBarrier to_shader{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
+  to_shader.srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT;
+  to_shader.dstAccessMask = VK_ACCESS_UNIFORM_READ_BIT | VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT;
+  vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &to_shader, 0,
+                       nullptr, 0, nullptr);
+  const bool timed = profiling_ && queries_;
+  if (timed) {
+    vkCmdResetQueryPool(cmd_, queries_, 0, 3);
+    vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 0);
+  }
+  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  auto compute_barrier = [&] {
+    VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
+    mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT;
+    mb.dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT;
+    vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0,
+                         nullptr, 0, nullptr);
+  };
+  if (smooth) {
+    vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
+    vkCmdDispatch(cmd_, (D + 63) / 64, p.heads_kv, p.batch);
+    compute_barrier();
+  }
+  bool q_pass = int8 || (smooth && p.has_lse);
+  bool k_pass = Nk > 0;
+  if (q_pass || k_pass) {
+    vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, quant);
+    if (q_pass) {
+      std::uint32_t which = 0;
+      vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
+      vkCmdDispatch(cmd_, q_spans, p.heads_q, p.batch);
+    }
+    if (k_pass) {
+      std::uint32_t which = 1;
+      vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
+      vkCmdDispatch(cmd_, k_spans, p.heads_kv, p.batch);
+    }
+    compute_barrier();
+  }
+  if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 1);
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, attn);
+  vkCmdDispatch(cmd_, q_tiles, p.heads_q, p.batch);
+  if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 2);
+  submit();
+  if (const char* verbose = std::getenv("SPARQ_VULKAN_VERBOSE"); verbose && *verbose && std::strcmp(verbose, "0")) {
+    auto t0 = std::chrono::steady_clock::now();
+    wait();
+    std::fprintf(stderr, "sparq vulkan: %s B=%d Hq=%d Nq=%d Nk=%d took %.1f ms (host wait)\n", kernel.c_str(), p.batch,
+                 p.heads_q, p.tokens_q, Nk,
+                 std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+
+  if (pv_skip && p.stats) {
+    wait();
+    ensure(staging_, 16, true);
+    copy(pv_stats_.buffer, 0, staging_.buffer, 0, 16);
+    std::uint32_t counts[2];
+    std::memcpy(counts, staging_.mapped, sizeof(counts));
+    p.stats->pv_total += counts[0];
+    p.stats->pv_skipped += counts[1];
+  }
+  if (timed) {
+    wait();
+    std::uint64_t ts[3] = {};
+    check(vkGetQueryPoolResults(vk_, queries_, 0, 3, sizeof(ts), ts, sizeof(std::uint64_t),
+                                VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT),
+          "vkGetQueryPoolResults");
+    std::uint32_t bits = dev_->timestamp_valid_bits();
+    std::uint64_t mask = bits >= 64 ? ~std::uint64_t(0) : ((std::uint64_t(1) << bits) - 1);
+    double period_ms = dev_->properties().limits.timestampPeriod * 1e-6;
+    timing_.total_ms = double((ts[2] - ts[0]) & mask) * period_ms;
+    timing_.attention_ms = double((ts[2] - ts[1]) & mask) * period_ms;
+  }
+}
+
+std::shared_ptr<BackendImpl> make_vulkan_backend(int device) {
+  return std::make_shared<VulkanBackend>(Device::get(device));
+}
+
+}  // namespace sparq::detail
