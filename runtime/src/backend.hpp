@@ -90,6 +90,9 @@ class BackendImpl {
   virtual std::shared_ptr<Storage> wrap_host(void* data, std::size_t bytes);
   virtual std::shared_ptr<Storage> wrap_cuda(void* device_ptr, std::size_t bytes);
   virtual void set_cuda_stream(void* stream);
+  // The storage spans bytes [0, offset + bytes) of the caller's VkBuffer.
+  virtual std::shared_ptr<Storage> wrap_vulkan(uint64_t buffer, std::size_t offset, std::size_t bytes);
+  virtual VulkanHandles vulkan_handles() const;
   // Byte copies between host memory and a storage.
   virtual void upload(Storage& dst, std::size_t offset, const void* src, std::size_t bytes) = 0;
   virtual void download(const Storage& src, std::size_t offset, void* dst, std::size_t bytes) = 0;

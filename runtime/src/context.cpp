@@ -14,6 +14,10 @@ std::shared_ptr<Storage> BackendImpl::wrap_cuda(void*, std::size_t) {
   not_supported(kind(), "wrapping a CUDA device pointer");
 }
 void BackendImpl::set_cuda_stream(void*) { not_supported(kind(), "a CUDA stream"); }
+std::shared_ptr<Storage> BackendImpl::wrap_vulkan(uint64_t, std::size_t, std::size_t) {
+  not_supported(kind(), "wrapping a VkBuffer");
+}
+VulkanHandles BackendImpl::vulkan_handles() const { not_supported(kind(), "Vulkan handles"); }
 
 #ifndef SPARQ_HAVE_CUDA
 std::shared_ptr<BackendImpl> make_cuda_backend(int) {
@@ -177,6 +181,29 @@ Tensor Context::wrap_cuda(void* device_ptr, std::size_t bytes, DType dtype, std:
   t.strides_ = std::move(strides);
   return t;
 }
+
+Tensor Context::wrap_vulkan(uint64_t buffer, std::size_t offset, std::size_t bytes, DType dtype,
+                            std::vector<int64_t> shape, std::vector<int64_t> strides) {
+  if (!buffer) fail(Status::InvalidArgument, "Context::wrap_vulkan: buffer is VK_NULL_HANDLE");
+  if (strides.empty()) strides = detail::contiguous_strides(shape);
+  std::size_t span = detail::checked_extent_bytes(dtype, shape, strides, "Context::wrap_vulkan");
+  if (span > bytes)
+    fail(Status::InvalidArgument, "Context::wrap_vulkan: shape " + detail::shape_string(shape) + " spans " +
+                                      std::to_string(span) + " bytes but bytes = " + std::to_string(bytes));
+  if (offset % dtype_size(dtype))
+    fail(Status::InvalidArgument, "Context::wrap_vulkan: offset " + std::to_string(offset) +
+                                      " is not a multiple of the element size " + std::to_string(dtype_size(dtype)));
+  Tensor t;
+  t.storage_ = impl_->wrap_vulkan(buffer, offset, bytes);
+  t.storage_->owner = impl_.get();
+  t.offset_bytes_ = offset;
+  t.dtype_ = dtype;
+  t.shape_ = std::move(shape);
+  t.strides_ = std::move(strides);
+  return t;
+}
+
+VulkanHandles Context::vulkan_handles() const { return impl_->vulkan_handles(); }
 
 void Context::set_cuda_stream(void* stream) { impl_->set_cuda_stream(stream); }
 void Context::synchronize() { impl_->synchronize(); }

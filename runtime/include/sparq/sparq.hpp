@@ -114,6 +114,17 @@ struct AttentionOptions {
   PVPrecision pv_precision = PVPrecision::Auto;
 };
 
+// The Vulkan objects a Vulkan context runs on (VkInstance, VkPhysicalDevice, VkDevice, VkQueue as opaque
+// pointers, so this header needs no Vulkan headers). An app creates its buffers on `device` (with
+// VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | TRANSFER_SRC | TRANSFER_DST) and wraps them with Context::wrap_vulkan.
+struct VulkanHandles {
+  void* instance = nullptr;
+  void* physical_device = nullptr;
+  void* device = nullptr;
+  void* queue = nullptr;
+  uint32_t queue_family = 0;
+};
+
 // Device time of the last attention() call, measured when Context::set_profiling(true).
 struct Timing {
   double total_ms = 0;       // everything from fp16/bf16 q, k, v to out (end-to-end)
@@ -140,6 +151,12 @@ class Context {
   Tensor wrap_host(void* data, DType dtype, std::vector<int64_t> shape, std::vector<int64_t> strides = {});
   Tensor wrap_cuda(void* device_ptr, std::size_t bytes, DType dtype, std::vector<int64_t> shape,
                    std::vector<int64_t> strides = {});
+  // A VkBuffer (its handle value) of this context's device (see vulkan_handles()), from byte `offset`, with
+  // `bytes` usable bytes. The caller keeps the buffer alive and finishes its own writes to it before sparq
+  // reads it; sparq's work on it is complete after Context::synchronize().
+  Tensor wrap_vulkan(uint64_t buffer, std::size_t offset, std::size_t bytes, DType dtype, std::vector<int64_t> shape,
+                     std::vector<int64_t> strides = {});
+  VulkanHandles vulkan_handles() const;
   // CUDA: the stream (a cudaStream_t) all work of this context is ordered on; nullptr = default stream.
   void set_cuda_stream(void* stream);
 
