@@ -2,7 +2,7 @@
 // against exact fp64 attention on sampled query rows, with the device time.
 //
 //   sparq-demo [--backend auto|cuda|vulkan|reference] [--batch 1] [--heads 8] [--seq 1024] [--dim 128]
-//              [--causal] [--pv auto|fp16|fp8] [--granularity block|warp|thread]
+//              [--causal] [--pv auto|fp16|fp8] [--granularity block|warp|thread (default)]
 #include <sparq/sparq.hpp>
 
 #include "reference.hpp"  // fp16 conversion
@@ -24,7 +24,9 @@ struct Args {
   int64_t batch = 1, heads = 8, seq = 1024, dim = 128;
   bool causal = false;
   sparq::PVPrecision pv = sparq::PVPrecision::Auto;
-  sparq::QKGranularity granularity = sparq::QKGranularity::PerBlock;
+  // Per-thread INT8 groups: about per-token accuracy at per-block cost (the peaked attention of
+  // transformer-like inputs amplifies Q·Kᵀ quantization error; per block misses the cosine budget here).
+  sparq::QKGranularity granularity = sparq::QKGranularity::PerThread;
 };
 
 [[noreturn]] void usage(const char* why) {
@@ -188,11 +190,15 @@ int main(int argc, char** argv) {
     double flops = 4.0 * a.batch * a.heads * N * N * D / (a.causal ? 2 : 1);
     std::printf("accuracy vs exact fp64 (%lld sampled rows): rel L1 = %.5f, cosine = %.6f%s\n",
                 (long long)(samples * a.batch * a.heads), rel_l1, cosine, finite ? "" : "  (NON-FINITE OUTPUT)");
-    std::printf("time: %.3f ms device end-to-end (%.3f ms attention kernel), %.3f ms wall; %.2f TOPS end-to-end\n",
+    std::printf("time: %.3f ms device end-to-end (%.3f ms attention kernel), %.3f ms wall; %.4g TOPS end-to-end\n",
                 timing.total_ms, timing.attention_ms, wall_ms, timing.total_ms > 0 ? flops / timing.total_ms / 1e9 : 0);
-    // The loosest budget of BENCH.md (int8 QK, fp8 PV); the tests hold each path to its own budget.
-    bool ok = finite && rel_l1 <= 0.03 && cosine >= 0.9995;
-    std::printf("%s\n", ok ? "OK: within the int8/fp8 accuracy budget" : "FAIL: outside the accuracy budget");
+    // BENCH.md's budget for the path that ran (int8 Q·Kᵀ with fp16 or fp8 P·V).
+    sparq::PVPrecision pv = a.pv == sparq::PVPrecision::Auto ? ctx.default_pv_precision() : a.pv;
+    bool fp8 = pv == sparq::PVPrecision::Fp8;
+    double max_l1 = fp8 ? 0.03 : 0.015, min_cos = fp8 ? 0.9995 : 0.9999;
+    bool ok = finite && rel_l1 <= max_l1 && cosine >= min_cos;
+    std::printf("%s the int8/%s budget (rel L1 <= %g, cosine >= %g)\n", ok ? "OK: within" : "FAIL: outside",
+                fp8 ? "fp8" : "fp16", max_l1, min_cos);
     return ok ? 0 : 1;
   } catch (const sparq::Error& e) {
     std::fprintf(stderr, "sparq error (%s): %s\n", sparq::to_string(e.status()), e.what());

@@ -89,6 +89,7 @@ Context Context::create(Backend backend, int device) {
 
 Backend Context::backend() const { return impl_->kind(); }
 std::string Context::device_name() const { return impl_->device_name(); }
+PVPrecision Context::default_pv_precision() const { return impl_->default_pv_precision(); }
 std::array<int, 2> Context::mask_granularity() const { return impl_->mask_granularity(); }
 
 Tensor Context::empty(DType dtype, std::vector<int64_t> shape) {

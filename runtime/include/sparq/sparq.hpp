@@ -89,6 +89,8 @@ class BlockMask {
   // bitmap: U8 [B, Hm, ceil(Nq/block_q), ceil(Nk/block_k)], Hm in {1, Hkv, Hq}; nonzero = compute.
   static BlockMask from_bitmap(Tensor bitmap, int block_q, int block_k);
   // counts: I32 [B, Hq, nQB]; indices: I32 [B, Hq, nQB, nKB], the first counts[..] entries ascending.
+  // Contents are not validated on the host (they may live on the GPU): counts are clamped to [0, nKB] and
+  // indices outside [0, nKB) are ignored, so a malformed LUT cannot make a kernel read out of bounds.
   static BlockMask from_lut(Tensor counts, Tensor indices, int block_q, int block_k);
 
   Kind kind() const { return kind_; }
@@ -139,6 +141,8 @@ class Context {
 
   Backend backend() const;
   std::string device_name() const;
+  // What PVPrecision::Auto means on this context (Fp16 or Fp8).
+  PVPrecision default_pv_precision() const;
   // Mask block sizes must be multiples of these (the kernel tile): {block_q, block_k}.
   std::array<int, 2> mask_granularity() const;
 
