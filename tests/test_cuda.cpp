@@ -321,6 +321,58 @@ TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {
   }
 }
 
+// SPARQ_CUDA_PATH (read when a context is created) picks the kernel path: sm80, sm89 or sm90a (the wgmma
+// kernels, compute capability 9.0 only); a path the GPU or the build lacks falls back to an older one or reports
+// NotSupported. Every path this GPU and build run gets one FP8 (where available) and one FP16 P·V case.
+TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
+#ifndef _WIN32
+  if (!cuda_ctx()) return;
+  const char* previous = std::getenv("SPARQ_CUDA_PATH");
+  const std::string saved = previous ? previous : "";
+  setenv("SPARQ_CUDA_PATH", "sm42", 1);
+  try {
+    Context::create(Backend::Cuda);
+    FAIL("SPARQ_CUDA_PATH=sm42 should be rejected");
+  } catch (const Error& e) {
+    CHECK(e.status() == Status::InvalidArgument);
+  }
+  // The sm90a path has two kernels (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_OVERLAP, read per launch.
+  const char* previous_overlap = std::getenv("SPARQ_SM90_OVERLAP");
+  const std::string saved_overlap = previous_overlap ? previous_overlap : "";
+  for (const char* path : {"sm80", "sm89", "sm90a"}) {
+    setenv("SPARQ_CUDA_PATH", path, 1);
+    Context ctx = Context::create(Backend::Cuda);
+    for (const char* overlap : {"0", "1"}) {
+      if (std::string(path) != "sm90a" && std::string(overlap) == "1") continue;
+      setenv("SPARQ_SM90_OVERLAP", overlap, 1);
+      for (PVPrecision pv : {PVPrecision::Fp16, PVPrecision::Fp8})
+        for (bool causal : {false, true})
+          for (int d : {64, 128}) {
+            Case c = cuda_case();
+            c.pv_precision = pv;
+            c.causal = causal;
+            c.D = d;
+            c.Nq = 200;
+            c.Nk = 333;
+            c.Hq = 4;
+            c.Hkv = 2;
+            INFO("SPARQ_CUDA_PATH=" << path << " SPARQ_SM90_OVERLAP=" << overlap);
+            try {
+              check_case(ctx, c);
+            } catch (const Error& e) {
+              // Not built for this path (e.g. -Dcuda-archs without sm_80) or FP8 below sm_89.
+              CHECK(e.status() == Status::NotSupported);
+            }
+          }
+    }
+  }
+  if (previous) setenv("SPARQ_CUDA_PATH", saved.c_str(), 1);
+  else unsetenv("SPARQ_CUDA_PATH");
+  if (previous_overlap) setenv("SPARQ_SM90_OVERLAP", saved_overlap.c_str(), 1);
+  else unsetenv("SPARQ_SM90_OVERLAP");
+#endif
+}
+
 TEST_CASE("cuda rejects what it does not support") {
   Context* ctx = cuda_ctx();
   if (!ctx) return;

@@ -83,13 +83,14 @@ class CudaBackend final : public BackendImpl {
     DeviceGuard guard(device_);
     check(cudaGetDeviceProperties(&prop_, device_), "cudaGetDeviceProperties");
     arch_ = prop_.major * 10 + prop_.minor;
-    // SPARQ_CUDA_PATH=sm80 forces the sm80 kernels on a newer GPU (to test that path anywhere).
+    // SPARQ_CUDA_PATH=sm80 / sm89 forces an older path on a newer GPU (to test that path anywhere); sm90a names
+    // the wgmma path (the default on compute capability 9.0 where it was built).
     path_limit_ = arch_;
     if (const char* forced = std::getenv("SPARQ_CUDA_PATH"); forced && *forced) {
       const std::string f = forced;
-      if (f != "sm80" && f != "sm89")
-        fail(Status::InvalidArgument, "SPARQ_CUDA_PATH=" + f + ": expected sm80 or sm89");
-      path_limit_ = std::min(arch_, std::stoi(f.substr(2)));
+      if (f != "sm80" && f != "sm89" && f != "sm90a")
+        fail(Status::InvalidArgument, "SPARQ_CUDA_PATH=" + f + ": expected sm80, sm89 or sm90a");
+      path_limit_ = std::min(arch_, std::stoi(f.substr(2, 2)));
     }
     for (cudaEvent_t& e : events_) check(cudaEventCreate(&e), "cudaEventCreate");
   }
@@ -108,12 +109,14 @@ class CudaBackend final : public BackendImpl {
     return std::string(prop_.name) + " (sm_" + std::to_string(arch_) + ")";
   }
   std::array<int, 2> mask_granularity() const override { return {cuda::kAttentionBlockQ, cuda::kBlockK}; }
-  // Auto: FP8 P·V where the mma.sync FP8 MMA is native (sm_89); FP16 elsewhere. On Hopper (sm_90) the sm89
-  // path's FP8 P·V measured slower than FP16 (H100, B=4 H=32 N=16K D128: 308 vs 361 TOPS end-to-end) and FP16
-  // is the more accurate, so Auto stays FP16 there until a wgmma path exists; Fp8 can still be asked for.
+  // Auto: FP8 P·V where the mma.sync FP8 MMA is native (sm_89) and on the wgmma path (sm_90a, FP8 only);
+  // FP16 elsewhere. On Hopper the sm89 path's FP8 P·V measured slower than FP16 (H100, B=4 H=32 N=16K D128:
+  // 308 vs 361 TOPS end-to-end) and FP16 is the more accurate, so without the wgmma kernels (not built, or
+  // SPARQ_CUDA_PATH=sm89) Auto stays FP16 there; Fp8 can still be asked for.
   bool supports_pv_skip() const override { return true; }
   PVPrecision default_pv_precision() const override {
-    return path_limit_ >= 89 && arch_ < 90 && has_fp8_path() ? PVPrecision::Fp8 : PVPrecision::Fp16;
+    if (path_limit_ >= 89 && arch_ < 90 && has_fp8_path()) return PVPrecision::Fp8;
+    return has_wgmma_path() ? PVPrecision::Fp8 : PVPrecision::Fp16;
   }
 
   std::shared_ptr<Storage> allocate(std::size_t bytes) override {
@@ -191,6 +194,15 @@ class CudaBackend final : public BackendImpl {
       if (cuda::kAttentionKernels[i].pv_fp8) return true;
     return false;
   }
+  // The sm90a (wgmma) kernels run on compute capability 9.0 only (architecture-specific code).
+  bool runs(const cuda::AttentionKernel& k) const {
+    return k.arch <= path_limit_ && (k.arch != 90 || arch_ == 90);
+  }
+  bool has_wgmma_path() const {
+    for (std::size_t i = 0; i < cuda::kAttentionKernelCount; ++i)
+      if (cuda::kAttentionKernels[i].arch == 90 && runs(cuda::kAttentionKernels[i])) return true;
+    return false;
+  }
   const cuda::AttentionKernel& choose_kernel(const AttentionProblem& p) const;
   void reserve_workspace(std::size_t bytes);
 
@@ -213,7 +225,7 @@ const cuda::AttentionKernel& CudaBackend::choose_kernel(const AttentionProblem& 
   int best_arch = 0;
   for (std::size_t i = 0; i < cuda::kAttentionKernelCount; ++i) {
     const auto& k = cuda::kAttentionKernels[i];
-    if (k.arch <= path_limit_ && k.head_dim == p.head_dim && k.pv_fp8 == fp8) best_arch = std::max(best_arch, k.arch);
+    if (runs(k) && k.head_dim == p.head_dim && k.pv_fp8 == fp8) best_arch = std::max(best_arch, k.arch);
   }
   for (std::size_t i = 0; i < cuda::kAttentionKernelCount; ++i) {
     const auto& k = cuda::kAttentionKernels[i];

@@ -68,7 +68,7 @@ constexpr int kLaunchNeedsMoreSharedMemory = -1;
 
 struct AttentionKernel {
   const char* name;   // the variant name, e.g. attention_sm89_d128_fp8
-  int arch;           // the path: 80 or 89
+  int arch;           // the path: 80, 89 or 90 (sm90a, wgmma: compute capability 9.0 only)
   int head_dim;
   bool pv_fp8;        // FP8 P·V (else FP16/BF16 P·V, chosen by params.in_bf16)
   AttentionLauncher launch;

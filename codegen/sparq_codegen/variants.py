@@ -53,7 +53,8 @@ def cuda_variants(cfg: Config):
     # 16 rows; 3 CTAs of 168 registers per SM beat one 8-warp CTA by 5-12% on the H100), BLOCK_K = 64 keys per
     # cp.async stage (3 stages for FP8 P·V, 2 for FP16); the tile lives in backends/cuda/cuda_registry.hpp and
     # attention_kernel.cuh, which records the measurements. The sm89 path (FP8 e4m3 P·V, and
-    # FP16/BF16 P·V on request) also serves sm_90a builds until a wgmma path exists; sm80 has FP16/BF16 P·V only.
+    # FP16/BF16 P·V on request) also serves sm_90a builds for FP16/BF16 P·V, head dims without a wgmma kernel and
+    # SPARQ_CUDA_PATH=sm89; sm80 has FP16/BF16 P·V only.
     # Head dims must be powers of two >= 32 here (int8 k-steps of 32, swizzled power-of-two rows); others are
     # not generated and the backend reports them as not built. Preprocessing is arch-neutral
     # (backends/cuda/cuda_backend_kernels.cu), causal / masks / granularity / out dtype are runtime arguments.
@@ -70,6 +71,15 @@ def cuda_variants(cfg: Config):
             for pv in pvs:
                 out.append(Variant("cuda", "attention", "cuda/attention.cu.j2",
                                    (("arch", arch), ("head_dim", d), ("pv", pv))))
+    # The wgmma path (backends/cuda/attention_sm90a.cuh): FP8 e4m3 P·V, head dims 64 and 128 (the m64nDk32 P·V
+    # accumulator of D = 256 would not fit the registers). Its arch parameter reads "sm_90" because the registry
+    # stores the arch as the number after "sm_"; backends/cuda/meson.build compiles the "sm90" path for
+    # compute_90a / sm_90a (the architecture-specific wgmma). FP16/BF16 P·V stays on sm89.
+    if "sm_90a" in cfg.cuda_archs:
+        for d in cfg.head_dims:
+            if d in (64, 128):
+                out.append(Variant("cuda", "attention", "cuda/attention_sm90a.cu.j2",
+                                   (("arch", "sm_90"), ("head_dim", d), ("pv", "fp8"))))
     return out
 
 
