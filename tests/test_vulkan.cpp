@@ -76,6 +76,26 @@ void check_parity(Context& ctx, const Case& c) {
   check_validation();
 }
 
+// Whether the device runs the cooperative-matrix kernels (VK_NV_cooperative_matrix with the needed shapes).
+bool has_coopmat() { return vulkan::device_features().find("cooperativeMatrixNV=1") != std::string::npos; }
+
+// Sets SPARQ_VULKAN_KERNELS for a scope (nullptr: unset), restoring the previous value after.
+struct ScopedKernels {
+  explicit ScopedKernels(const char* value) {
+    const char* before = std::getenv("SPARQ_VULKAN_KERNELS");
+    had = before != nullptr;
+    if (had) saved = before;
+    if (value) setenv("SPARQ_VULKAN_KERNELS", value, 1);
+    else unsetenv("SPARQ_VULKAN_KERNELS");
+  }
+  ~ScopedKernels() {
+    if (had) setenv("SPARQ_VULKAN_KERNELS", saved.c_str(), 1);
+    else unsetenv("SPARQ_VULKAN_KERNELS");
+  }
+  bool had = false;
+  std::string saved;
+};
+
 void check_budget(Context& ctx, const Case& c) {
   INFO(c.describe());
   Inputs in = make_inputs(c);
@@ -233,6 +253,9 @@ TEST_CASE("integer inputs: the INT8 Q·Kᵀ is exact (INT8 and FP16 paths agree 
   c.integer_inputs = true, c.smooth_k = false;
   c.scale = 1.0f / (127.0f * 127.0f);
   Inputs in = make_inputs(c);
+  // The cooperative-matrix kernels serve INT8 Q·Kᵀ only (fp16 Q·Kᵀ runs the dot-product kernel, which sums
+  // P·V in another order): compare within the dot-product family; the coopmat test checks the INT8 path.
+  ScopedKernels kernels(has_coopmat() ? "fast" : std::getenv("SPARQ_VULKAN_KERNELS"));
   c.qk_precision = QKPrecision::Fp16;
   Result fp16 = run_case(*ctx, c, in);
   for (QKGranularity g : {QKGranularity::PerBlock, QKGranularity::PerWarp, QKGranularity::PerThread}) {
@@ -273,6 +296,73 @@ TEST_CASE("the fast (packed dot product) and portable kernels agree bit for bit"
     CHECK(bitwise_equal(packed.out, plain.out));
     CHECK(bitwise_equal(packed.lse, plain.lse));
   }
+  check_validation();
+}
+
+TEST_CASE("cooperative-matrix kernels: parity with the reference emulation, every option") {
+  Context* ctx = vulkan_context();
+  if (!ctx) return;
+  if (!has_coopmat()) {
+    MESSAGE("SKIPPED: the device has no usable VK_NV_cooperative_matrix (int8 16x16x32 and fp16 16x16x16, "
+            "subgroups of 32): the cooperative-matrix kernels do not run here");
+    return;
+  }
+  ScopedKernels kernels("coopmat");
+  for (int D : {64, 128}) {
+    Case c;
+    c.B = 2, c.Hq = 4, c.Hkv = 2, c.Nq = 130, c.Nk = 200, c.D = D;
+    c.seed = 40 + D;
+    check_parity(*ctx, c);  // GQA, Nq < Nk, tails in both
+    c.layout = Layout::NHD;
+    check_parity(*ctx, c);
+    c.causal = true;
+    check_parity(*ctx, c);  // bottom-right diagonal
+    c.Nq = 200, c.Nk = 77;  // Nq > Nk: the first Nq - Nk rows see no key
+    check_parity(*ctx, c);
+    c.row_pad = 24, c.causal = false;  // strided views of padded rows
+    check_parity(*ctx, c);
+    c.row_pad = 3, c.layout = Layout::HND, c.causal = true;  // rows not 16-byte aligned
+    check_parity(*ctx, c);
+    c.row_pad = 0, c.Nq = 1, c.Nk = 1;
+    check_parity(*ctx, c);
+    c.Nq = 1000, c.Nk = 1000, c.causal = false, c.B = 1, c.Hq = 2, c.Hkv = 1;
+    check_budget(*ctx, c);
+  }
+  Case g;
+  g.B = 1, g.Hq = 2, g.Hkv = 1, g.Nq = 150, g.Nk = 190, g.D = 128;
+  for (QKGranularity q : {QKGranularity::PerBlock, QKGranularity::PerWarp, QKGranularity::PerThread}) {
+    g.qk_granularity = q;
+    check_parity(*ctx, g);
+  }
+  g.outliers = 8.0, g.scale = 1.0f / 32.0f;
+  check_parity(*ctx, g);
+  g.outliers = 0.0, g.scale = 0.3f, g.smooth_k = false;
+  check_parity(*ctx, g);
+  Case m;
+  m.B = 2, m.Hq = 4, m.Hkv = 2, m.Nq = 300, m.Nk = 333, m.D = 64;
+  for (MaskKind k : {MaskKind::Bitmap, MaskKind::Lut}) {
+    m.mask = k;
+    m.mask_heads = 1, m.block_q = 64, m.block_k = 64, m.density = 0.5, m.empty_rows = false, m.causal = false;
+    check_parity(*ctx, m);
+    m.mask_heads = k == MaskKind::Bitmap ? 2 : 4, m.block_q = 128, m.block_k = 192, m.empty_rows = true, m.D = 128;
+    check_parity(*ctx, m);
+    m.causal = true, m.density = 0.3, m.mask_heads = 4, m.block_q = 64, m.block_k = 128, m.D = 64;
+    check_parity(*ctx, m);
+    check_budget(*ctx, m);
+  }
+  // Against the dot-product kernel (another summation order, the same contract).
+  Case f;
+  f.B = 1, f.Hq = 2, f.Hkv = 1, f.Nq = 300, f.Nk = 500, f.D = 128, f.causal = true;
+  Inputs in = make_inputs(f);
+  Result coop = run_case(*ctx, f, in);
+  Result dot;
+  {
+    ScopedKernels fast("fast");
+    dot = run_case(*ctx, f, in);
+  }
+  Accuracy a = compare(coop.out, dot.out);
+  INFO("coopmat vs dot-product kernel: " << a.describe());
+  CHECK(a.rel_l1 <= kParityRelL1);
   check_validation();
 }
 

@@ -1,6 +1,6 @@
 // The Vulkan backend: storage as device-local buffers (copies through a host-visible staging buffer),
 // attention as up to four dispatches of the generated kernels (templates/glsl):
-//   kmean (K smoothing vector) -> quant (Q and K to INT8 per group) -> attention_d{D}_{mask}[_idot]
+//   kmean (K smoothing vector) -> quant (Q and K to INT8 per group) -> attention_d{D}_{mask}[_idot|_coopmat]
 // recorded in one command buffer, with timestamps around the whole and around the attention kernel.
 #include "backend.hpp"
 #include "vulkan_debug.hpp"
@@ -75,6 +75,8 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   bool supports_pv_skip() const override { return true; }
 
   std::shared_ptr<Storage> allocate(std::size_t bytes) override;
+  std::shared_ptr<Storage> wrap_vulkan(uint64_t buffer, std::size_t offset, std::size_t bytes) override;
+  VulkanHandles vulkan_handles() const override;
   void upload(Storage& dst, std::size_t offset, const void* src, std::size_t bytes) override;
   void download(const Storage& src, std::size_t offset, void* dst, std::size_t bytes) override;
   void attention(const AttentionProblem& p) override;
@@ -111,7 +113,7 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
 constexpr std::uint32_t kMaxSets = 256;
 
 VulkanStorage::~VulkanStorage() {
-  if (owner) owner->release(buffer);
+  if (owner && owned) owner->release(buffer);  // a wrapped buffer stays the caller's
 }
 
 VulkanBackend::~VulkanBackend() {
@@ -267,6 +269,27 @@ std::shared_ptr<Storage> VulkanBackend::allocate(std::size_t bytes) {
   return s;
 }
 
+std::shared_ptr<Storage> VulkanBackend::wrap_vulkan(uint64_t buffer, std::size_t offset, std::size_t bytes) {
+  auto s = std::make_shared<VulkanStorage>();
+  s->buffer.buffer = reinterpret_cast<VkBuffer>(static_cast<uintptr_t>(buffer));
+  s->buffer.size = offset + bytes;
+  s->owner = shared_from_this();
+  s->owned = false;
+  s->bytes = offset + bytes;
+  s->backend = Backend::Vulkan;
+  return s;
+}
+
+VulkanHandles VulkanBackend::vulkan_handles() const {
+  VulkanHandles h;
+  h.instance = dev_->instance();
+  h.physical_device = dev_->physical();
+  h.device = dev_->device();
+  h.queue = dev_->queue();
+  h.queue_family = dev_->queue_family();
+  return h;
+}
+
 void VulkanBackend::copy(VkBuffer src, VkDeviceSize src_off, VkBuffer dst, VkDeviceSize dst_off, VkDeviceSize bytes) {
   begin();
   VkBufferCopy region{src_off, dst_off, bytes};
@@ -356,17 +379,27 @@ void VulkanBackend::attention(const AttentionProblem& p) {
   const bool out_bf16 = p.out.dtype == DType::BF16;
   const int D = p.head_dim;
   const char* mask = p.mask_layout == MaskLayout::None ? "none" : p.mask_layout == MaskLayout::Bitmap ? "bitmap" : "lut";
-  // Two flavours of the attention kernel: "fast" (packed 4x8-bit dot product, unrolled inner loops) for GPUs
-  // with shaderIntegerDotProduct, "portable" (plain integer math, rolled inner loops: compiles in a second on
-  // CPU implementations such as lavapipe, where the unrolled one takes many). SPARQ_VULKAN_KERNELS=portable
-  // or =fast overrides the choice (fast needs shaderIntegerDotProduct).
-  bool idot = dev_->features().integer_dot_product &&
-              dev_->properties().deviceType != VK_PHYSICAL_DEVICE_TYPE_CPU;
+  // Three flavours of the attention kernel: "coopmat" (cooperative matrices, i.e. the GPU's matrix units,
+  // through VK_NV_cooperative_matrix: INT8 Q·Kᵀ with fp16 inputs), "fast" (packed 4x8-bit dot product,
+  // unrolled inner loops) for GPUs with shaderIntegerDotProduct, "portable" (plain integer math, rolled inner
+  // loops: compiles in a second on CPU implementations such as lavapipe, where the unrolled one takes many).
+  // The best one the device and the problem allow is picked; SPARQ_VULKAN_KERNELS=portable, =fast or =coopmat
+  // overrides the choice (fast needs shaderIntegerDotProduct; coopmat falls back to the automatic choice for
+  // what it does not cover: bf16 inputs, fp16 Q·Kᵀ, head dims that are not a multiple of 32 or above 128).
+  const bool gpu = dev_->properties().deviceType != VK_PHYSICAL_DEVICE_TYPE_CPU;
+  bool idot = dev_->features().integer_dot_product && gpu;
+  const std::string coop_kernel = "attention_d" + std::to_string(D) + "_" + mask + "_coopmat";
+  const std::uint32_t coop_shared = (2 * 64u * (D / 16 + 1) + 64u * (D / 8 + 1) + 64u * 9) * 16 + 3 * 256;  // the kernel's
+  const bool coop_ok = dev_->features().cooperative_matrix && int8 && !in_bf16 && D % 32 == 0 && D <= 128 &&
+                       Device::has_kernel(coop_kernel) &&
+                       coop_shared <= dev_->properties().limits.maxComputeSharedMemorySize;
+  bool coop = coop_ok;
   if (const char* flavour = std::getenv("SPARQ_VULKAN_KERNELS"); flavour && *flavour) {
-    if (std::strcmp(flavour, "portable") == 0) idot = false;
-    else if (std::strcmp(flavour, "fast") == 0) idot = dev_->features().integer_dot_product;
+    if (std::strcmp(flavour, "portable") == 0) idot = false, coop = false;
+    else if (std::strcmp(flavour, "fast") == 0) idot = dev_->features().integer_dot_product, coop = false;
+    else if (std::strcmp(flavour, "coopmat") == 0) coop = coop_ok;  // = the automatic choice, spelt out
   }
-  std::string kernel = "attention_d" + std::to_string(D) + "_" + mask + (idot ? "_idot" : "");
+  std::string kernel = coop ? coop_kernel : "attention_d" + std::to_string(D) + "_" + mask + (idot ? "_idot" : "");
   if (!Device::has_kernel(kernel))
     not_supported(Backend::Vulkan, "head_dim " + std::to_string(D) +
                                        " (no kernel was generated for it; reconfigure with -Dhead_dims=...," +
@@ -434,7 +467,8 @@ void VulkanBackend::attention(const AttentionProblem& p) {
   }
 
   // Scratch.
-  const VkDeviceSize q8_bytes = VkDeviceSize(p.batch) * p.heads_q * p.tokens_q * D;
+  // + 64 rows: the cooperative-matrix kernel reads Q in whole 64-row tiles, also past the last row.
+  const VkDeviceSize q8_bytes = (VkDeviceSize(p.batch) * p.heads_q * p.tokens_q + 64) * D;
   const VkDeviceSize k8_bytes = VkDeviceSize(p.batch) * p.heads_kv * std::max(Nk, 1) * D;
   for (VkDeviceSize bytes : {q8_bytes, k8_bytes * 2})
     if (bytes > limits.maxStorageBufferRange)

@@ -113,6 +113,8 @@ std::string Features::describe() const {
   flag("shaderIntegerDotProduct", integer_dot_product);
   flag("int8x4DotAccelerated", integer_dot_product_accelerated);
   s += " subgroupSize=" + std::to_string(subgroup_size);
+  flag("cooperativeMatrixNV", cooperative_matrix);
+  if (!cooperative_matrix_shapes.empty()) s += " (" + cooperative_matrix_shapes + ")";
   return s;
 }
 
@@ -325,6 +327,12 @@ void Device::init(int index) {
   f2.pNext = &f11;
   f11.pNext = &f12;
   if (idot_ext || idot_core) f12.pNext = &idot_f;
+  const bool coop_ext = has_ext(VK_NV_COOPERATIVE_MATRIX_EXTENSION_NAME);
+  VkPhysicalDeviceCooperativeMatrixFeaturesNV coop_f{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV};
+  if (coop_ext) {
+    coop_f.pNext = f2.pNext;
+    f2.pNext = &coop_f;
+  }
   vkGetPhysicalDeviceFeatures2(physical_, &f2);
   features_.shader_int8 = f12.shaderInt8;
   features_.shader_float16 = f12.shaderFloat16;
@@ -336,11 +344,18 @@ void Device::init(int index) {
     VkPhysicalDeviceShaderIntegerDotProductProperties idot_p{
         VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_PROPERTIES};
     VkPhysicalDeviceSubgroupProperties sg{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES};
+    VkPhysicalDeviceCooperativeMatrixPropertiesNV coop_p{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_PROPERTIES_NV};
     VkPhysicalDeviceProperties2 p2{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2};
     p2.pNext = &sg;
     if (features_.integer_dot_product) sg.pNext = &idot_p;
+    if (coop_ext) {
+      coop_p.pNext = p2.pNext;
+      p2.pNext = &coop_p;
+    }
     vkGetPhysicalDeviceProperties2(physical_, &p2);
     features_.subgroup_size = sg.subgroupSize;
+    if (coop_ext && coop_f.cooperativeMatrix && (coop_p.cooperativeMatrixSupportedStages & VK_SHADER_STAGE_COMPUTE_BIT))
+      query_cooperative_matrix(sg, f12);
     features_.integer_dot_product_accelerated = features_.integer_dot_product &&
                                                 idot_p.integerDotProduct4x8BitPackedSignedAccelerated;
   }
@@ -360,6 +375,30 @@ void Device::init(int index) {
   if (features_.integer_dot_product) f11_on.pNext = &idot_on;
   std::vector<const char*> dev_extensions;
   if (features_.integer_dot_product && !idot_core) dev_extensions.push_back(VK_KHR_SHADER_INTEGER_DOT_PRODUCT_EXTENSION_NAME);
+  // The cooperative-matrix kernels declare Int8, Float16 and the Vulkan memory model.
+  VkPhysicalDeviceCooperativeMatrixFeaturesNV coop_on{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV};
+  VkPhysicalDeviceVulkan12Features f12_on{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES};
+  // SPARQ_VULKAN_VERBOSE: the driver's statistics of every pipeline (registers, shared memory, spills).
+  VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR exec_on{
+      VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR};
+  if (env_flag("SPARQ_VULKAN_VERBOSE") && has_ext(VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME)) {
+    exec_on.pipelineExecutableInfo = VK_TRUE;
+    exec_on.pNext = f11_on.pNext;
+    f11_on.pNext = &exec_on;
+    dev_extensions.push_back(VK_KHR_PIPELINE_EXECUTABLE_PROPERTIES_EXTENSION_NAME);
+    pipeline_statistics_ = true;
+  }
+  if (features_.cooperative_matrix) {
+    coop_on.cooperativeMatrix = VK_TRUE;
+    f12_on.shaderInt8 = VK_TRUE;
+    f12_on.shaderFloat16 = VK_TRUE;
+    f12_on.vulkanMemoryModel = VK_TRUE;
+    f12_on.vulkanMemoryModelDeviceScope = VK_TRUE;  // the other kernels' atomics use Device scope
+    f12_on.pNext = f11_on.pNext;
+    coop_on.pNext = &f12_on;
+    f11_on.pNext = &coop_on;
+    dev_extensions.push_back(VK_NV_COOPERATIVE_MATRIX_EXTENSION_NAME);
+  }
   float priority = 1.0f;
   VkDeviceQueueCreateInfo qci{VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO};
   qci.queueFamilyIndex = queue_family_;
@@ -395,6 +434,54 @@ void Device::init(int index) {
   check(vkCreatePipelineLayout(device_, &plci, nullptr, &pipeline_layout_), "vkCreatePipelineLayout");
   VkPipelineCacheCreateInfo pcci{VK_STRUCTURE_TYPE_PIPELINE_CACHE_CREATE_INFO};
   check(vkCreatePipelineCache(device_, &pcci, nullptr, &pipeline_cache_), "vkCreatePipelineCache");
+}
+
+void Device::query_cooperative_matrix(const VkPhysicalDeviceSubgroupProperties& sg,
+                                      const VkPhysicalDeviceVulkan12Features& f12) {
+  auto list = reinterpret_cast<PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesNV>(
+      vkGetInstanceProcAddr(instance_, "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV"));
+  if (!list) return;
+  std::uint32_t n = 0;
+  if (list(physical_, &n, nullptr) != VK_SUCCESS || n == 0) return;
+  std::vector<VkCooperativeMatrixPropertiesNV> shapes(n, {VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV});
+  if (list(physical_, &n, shapes.data()) != VK_SUCCESS) return;
+  shapes.resize(n);
+  auto type_name = [](VkComponentTypeNV t) -> const char* {
+    switch (t) {
+      case VK_COMPONENT_TYPE_FLOAT16_NV: return "f16";
+      case VK_COMPONENT_TYPE_FLOAT32_NV: return "f32";
+      case VK_COMPONENT_TYPE_FLOAT64_NV: return "f64";
+      case VK_COMPONENT_TYPE_SINT8_NV: return "s8";
+      case VK_COMPONENT_TYPE_SINT16_NV: return "s16";
+      case VK_COMPONENT_TYPE_SINT32_NV: return "s32";
+      case VK_COMPONENT_TYPE_SINT64_NV: return "s64";
+      case VK_COMPONENT_TYPE_UINT8_NV: return "u8";
+      case VK_COMPONENT_TYPE_UINT16_NV: return "u16";
+      case VK_COMPONENT_TYPE_UINT32_NV: return "u32";
+      case VK_COMPONENT_TYPE_UINT64_NV: return "u64";
+      default: return "?";
+    }
+  };
+  bool int8 = false, fp16 = false;
+  std::string listing;
+  for (const auto& s : shapes) {
+    listing += std::string(listing.empty() ? "" : ", ") + std::to_string(s.MSize) + "x" + std::to_string(s.NSize) + "x" +
+               std::to_string(s.KSize) + " " + type_name(s.AType) + "*" + type_name(s.BType) + "+" + type_name(s.CType) +
+               (s.scope == VK_SCOPE_SUBGROUP_NV ? "" : " (not subgroup)");
+    if (s.scope != VK_SCOPE_SUBGROUP_NV || s.MSize != 16 || s.NSize != 16) continue;
+    if (s.KSize == 32 && s.AType == VK_COMPONENT_TYPE_SINT8_NV && s.BType == VK_COMPONENT_TYPE_SINT8_NV &&
+        s.CType == VK_COMPONENT_TYPE_SINT32_NV && s.DType == VK_COMPONENT_TYPE_SINT32_NV)
+      int8 = true;
+    if (s.KSize == 16 && s.AType == VK_COMPONENT_TYPE_FLOAT16_NV && s.BType == VK_COMPONENT_TYPE_FLOAT16_NV &&
+        s.CType == VK_COMPONENT_TYPE_FLOAT32_NV && s.DType == VK_COMPONENT_TYPE_FLOAT32_NV)
+      fp16 = true;
+  }
+  features_.cooperative_matrix_shapes = listing;
+  const VkSubgroupFeatureFlags ops =
+      VK_SUBGROUP_FEATURE_BASIC_BIT | VK_SUBGROUP_FEATURE_VOTE_BIT | VK_SUBGROUP_FEATURE_SHUFFLE_BIT;
+  features_.cooperative_matrix = int8 && fp16 && sg.subgroupSize == 32 && (sg.supportedOperations & ops) == ops &&
+                                 (sg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) && f12.shaderInt8 &&
+                                 f12.shaderFloat16 && f12.vulkanMemoryModel && f12.vulkanMemoryModelDeviceScope;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -464,6 +551,40 @@ void Device::destroy_buffer(Buffer& b) {
 // ---------------------------------------------------------------------------------------------------------
 // Pipelines
 
+void Device::print_pipeline_statistics(VkPipeline p) {
+  auto get_proc = reinterpret_cast<PFN_vkGetDeviceProcAddr>(vkGetInstanceProcAddr(instance_, "vkGetDeviceProcAddr"));
+  if (!get_proc) return;
+  auto props = reinterpret_cast<PFN_vkGetPipelineExecutablePropertiesKHR>(
+      get_proc(device_, "vkGetPipelineExecutablePropertiesKHR"));
+  auto stats = reinterpret_cast<PFN_vkGetPipelineExecutableStatisticsKHR>(
+      get_proc(device_, "vkGetPipelineExecutableStatisticsKHR"));
+  if (!props || !stats) return;
+  VkPipelineInfoKHR pi{VK_STRUCTURE_TYPE_PIPELINE_INFO_KHR};
+  pi.pipeline = p;
+  std::uint32_t n = 0;
+  if (props(device_, &pi, &n, nullptr) != VK_SUCCESS) return;
+  for (std::uint32_t e = 0; e < n; ++e) {
+    VkPipelineExecutableInfoKHR ei{VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INFO_KHR};
+    ei.pipeline = p;
+    ei.executableIndex = e;
+    std::uint32_t m = 0;
+    if (stats(device_, &ei, &m, nullptr) != VK_SUCCESS) continue;
+    std::vector<VkPipelineExecutableStatisticKHR> st(m, {VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_STATISTIC_KHR});
+    if (stats(device_, &ei, &m, st.data()) != VK_SUCCESS) continue;
+    std::string line;
+    for (std::uint32_t k = 0; k < m; ++k) {
+      line += std::string(k ? ", " : "") + st[k].name + "=";
+      switch (st[k].format) {
+        case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_BOOL32_KHR: line += st[k].value.b32 ? "true" : "false"; break;
+        case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_INT64_KHR: line += std::to_string(st[k].value.i64); break;
+        case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_UINT64_KHR: line += std::to_string(st[k].value.u64); break;
+        default: line += std::to_string(st[k].value.f64); break;
+      }
+    }
+    std::fprintf(stderr, "sparq vulkan:   statistics: %s\n", line.c_str());
+  }
+}
+
 bool Device::has_kernel(const std::string& kernel) {
   for (std::size_t i = 0; i < kSpirvKernelCount; ++i)
     if (kernel == kSpirvKernels[i].name) return true;
@@ -501,6 +622,7 @@ VkPipeline Device::pipeline(const std::string& kernel, const std::vector<std::ui
   cpci.stage.pName = "main";
   cpci.stage.pSpecializationInfo = spec.empty() ? nullptr : &si;
   cpci.layout = pipeline_layout_;
+  if (pipeline_statistics_) cpci.flags |= VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR;
   VkPipeline p = VK_NULL_HANDLE;
   auto t0 = std::chrono::steady_clock::now();
   check(vkCreateComputePipelines(device_, pipeline_cache_, 1, &cpci, nullptr, &p),
@@ -510,6 +632,7 @@ VkPipeline Device::pipeline(const std::string& kernel, const std::vector<std::ui
     for (auto v : spec) sp += std::to_string(v);
     std::fprintf(stderr, "sparq vulkan: pipeline %s [%s] created in %.1f ms\n", kernel.c_str(), sp.c_str(),
                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    if (pipeline_statistics_) print_pipeline_statistics(p);
   }
   pipelines_[key] = p;
   return p;

@@ -25,6 +25,11 @@ struct Features {
   bool integer_dot_product = false;          // shaderIntegerDotProduct enabled
   bool integer_dot_product_accelerated = false;  // 4x8-bit packed signed dot product is fast
   std::uint32_t subgroup_size = 0;
+  // The cooperative-matrix (tensor core) kernels: VK_NV_cooperative_matrix with a subgroup-scope int8
+  // 16x16x32 -> int32 shape and an fp16 16x16x16 -> fp32 shape (queried, never assumed), compute-stage
+  // subgroups of 32 with vote and shuffle, shaderInt8, shaderFloat16 and vulkanMemoryModel (+DeviceScope). All enabled.
+  bool cooperative_matrix = false;
+  std::string cooperative_matrix_shapes;  // every shape the driver lists, for the feature report
   std::string describe() const;
 };
 
@@ -46,6 +51,7 @@ class Device {
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
+  VkInstance instance() const { return instance_; }
   VkDevice device() const { return device_; }
   VkPhysicalDevice physical() const { return physical_; }
   VkQueue queue() const { return queue_; }
@@ -69,6 +75,8 @@ class Device {
  private:
   Device() = default;
   void init(int index);
+  void print_pipeline_statistics(VkPipeline p);
+  void query_cooperative_matrix(const VkPhysicalDeviceSubgroupProperties& sg, const VkPhysicalDeviceVulkan12Features& f12);
   std::uint32_t memory_type(std::uint32_t bits, VkMemoryPropertyFlags want, VkMemoryPropertyFlags avoid) const;
 
   VkInstance instance_ = VK_NULL_HANDLE;
@@ -87,6 +95,7 @@ class Device {
   VkPipelineLayout pipeline_layout_ = VK_NULL_HANDLE;
   VkPipelineCache pipeline_cache_ = VK_NULL_HANDLE;
   std::mutex pipeline_mutex_;
+  bool pipeline_statistics_ = false;  // VK_KHR_pipeline_executable_properties on (SPARQ_VULKAN_VERBOSE)
   std::map<std::string, VkShaderModule> modules_;
   std::map<std::pair<std::string, std::vector<std::uint32_t>>, VkPipeline> pipelines_;
 };

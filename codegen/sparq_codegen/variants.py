@@ -97,7 +97,12 @@ def vulkan_variants(cfg: Config):
       K tile and the fp16/bf16 V tile staged in shared memory (about 26 KiB, within lavapipe's 32 KiB).
       Mask blocks must therefore be multiples of 64x64. Causal, input/output dtype and the fp16 Q·Kᵀ path
       are specialization constants and sizes/strides/tails are runtime parameters, so they cost no build
-      variants: 2 + 6·len(head_dims) SPIR-V modules.
+      variants: 2 + 6·len(head_dims) SPIR-V modules (+ 3 per head dim for the cooperative-matrix path).
+    - ``attention_d{D}_{mask}_coopmat``: the cooperative-matrix (tensor core) kernel, GL_NV_cooperative_matrix:
+      int8 16x16x32 and fp16 16x16x16 matrices, 4 subgroups of 32 per 64-row tile, Q8/K8/V tiles and the S/P
+      tile in shared memory (attention_coopmat.comp.j2 says why NV and how). Head dims that are multiples of
+      32 up to 128 (shared memory: 45 KiB at D = 128, the H100's limit is 48). The runtime picks it when the
+      device lists both shapes, for fp16 inputs with INT8 Q·Kᵀ; everything else runs the kernels above.
     """
     out = [Variant("vulkan", "kmean", "glsl/kmean.comp.j2"),
            Variant("vulkan", "quant", "glsl/quant.comp.j2")]
@@ -111,6 +116,9 @@ def vulkan_variants(cfg: Config):
             for idot in (False, True):
                 out.append(Variant("vulkan", "attention", "glsl/attention.comp.j2",
                                    (("head_dim", d), ("mask", mask), ("idot", idot))))
+            if d % 32 == 0 and d <= 128:
+                out.append(Variant("vulkan", "attention", "glsl/attention_coopmat.comp.j2",
+                                   (("head_dim", d), ("mask", mask), ("coopmat", True))))
     return out
 
 
