@@ -17,16 +17,13 @@
 
 #include <cstdint>
 
+#include "attention_common.cuh"
 #include "cuda_registry.hpp"
 #include "mma.cuh"
 
 namespace sparq::cuda {
 
 enum class PVMode : int { Fp16 = 0, Bf16 = 1, Fp8 = 2 };
-
-constexpr float kLog2E = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kLog2Of448 = 8.807354922057604f;  // the e4m3 offset: P·448 = exp2(s − m + log2 448)
 
 // Shared-memory tile of `Rows` rows of `RowBytes` bytes, in 16-byte chunks whose index is XORed with a
 // function of the row so that the 8 row addresses of one ldmatrix matrix fall in 8 distinct bank groups.
@@ -66,12 +63,6 @@ struct SwizzledTile {
   }
 };
 
-// float(x) for |x| < 2^22 on the full-rate FP32 pipe (I2F runs at a quarter of the rate): the bits of
-// 1.5·2^23 + x read as a float are exactly 1.5·2^23 + x. |Q8·K8| <= 127²·256 < 2^22 for head dims <= 256.
-__device__ __forceinline__ float exact_int_to_float(int x) {
-  return __int_as_float(0x4B400000 + x) - 12582912.0f;
-}
-
 template <int D, PVMode PV, int Warps>
 struct AttentionConfig {
   static constexpr bool kFp8 = PV == PVMode::Fp8;
@@ -95,46 +86,6 @@ __host__ __device__ constexpr int permuted_key(int p) {
   return (p / 16) * 16 + ((p % 4) / 2) * 8 + 2 * ((p % 16) / 4) + (p % 2);
 }
 
-// The key tiles one CTA visits, ascending: all of [0, limit), or those a LUT row or a bitmap row lists
-// (each mask block covering `sub` tiles), stopping at `limit` (sequence end or causal diagonal). Two cursors
-// walk it: the loader (kStages-1 tiles ahead) and the consumer.
-struct TileList {
-  int mode, limit, sub, count, blocks;
-  const int32_t* indices;
-  const uint8_t* bits;
-};
-struct TileCursor {
-  int entry = 0, part = 0, tile = -1;
-
-  __device__ __forceinline__ void settle(const TileList& l) {
-    if (l.mode == static_cast<int>(MaskMode::None)) {
-      tile = entry < l.limit ? entry : -1;
-      return;
-    }
-    int block;
-    if (l.mode == static_cast<int>(MaskMode::Lut)) {
-      if (entry >= l.count) { tile = -1; return; }
-      block = __ldg(l.indices + entry);
-    } else {
-      if (part == 0)
-        while (entry < l.blocks && __ldg(l.bits + entry) == 0) ++entry;
-      if (entry >= l.blocks) { tile = -1; return; }
-      block = entry;
-    }
-    const int t = block * l.sub + part;
-    tile = (block >= 0 && t < l.limit) ? t : -1;
-  }
-  __device__ __forceinline__ void next(const TileList& l) {
-    if (l.mode == static_cast<int>(MaskMode::None)) {
-      ++entry;
-    } else if (++part == l.sub) {
-      part = 0;
-      ++entry;
-    }
-    settle(l);
-  }
-};
-
 template <int D, PVMode PV, int Warps>
 __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, AttentionConfig<D, PV, Warps>::kMinBlocks)
     attention_kernel(const AttentionParams p) {
@@ -150,87 +101,33 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
 
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int tiles_q = gridDim.x;
-  const int q_tile = p.causal ? tiles_q - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int hq = blockIdx.y, b = blockIdx.z;
-  const int hkv = hq / p.kv_group;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int q0 = q_tile * kBlockQ;
-  const int warp_row0 = q0 + warp * 16;
-  const int causal_offset = p.tokens_k - p.tokens_q;
+  const RowCoords rc = row_coords<kBlockQ>(p);
+  const int hq = rc.hq, b = rc.b, hkv = rc.hkv, warp = rc.warp, lane = rc.lane, g = rc.g, t = rc.t;
+  const int q0 = rc.q0, warp_row0 = rc.warp_row0, causal_offset = rc.causal_offset;
 
   // ---- which key tiles this CTA visits -----------------------------------------------------------------
-  int limit = (p.tokens_k + kBlockK - 1) / kBlockK;
-  if (p.causal) {
-    const int last_row = min(q0 + kBlockQ, p.tokens_q) - 1;
-    const int last_key = last_row + causal_offset;
-    limit = last_key < 0 ? 0 : min(limit, last_key / kBlockK + 1);
-  }
-  TileList tiles{p.mask_mode, limit, p.mask_tiles_k, 0, p.mask_blocks_k, nullptr, nullptr};
-  if (p.mask_mode != static_cast<int>(MaskMode::None)) {
-    const int mq = q0 / p.mask_block_q;
-    if (p.mask_mode == static_cast<int>(MaskMode::Lut)) {
-      const int64_t row = (static_cast<int64_t>(b) * p.heads_q + hq) * p.mask_blocks_q + mq;
-      tiles.count = min(max(__ldg(p.mask_counts + row), 0), p.mask_blocks_k);
-      tiles.indices = p.mask_indices + row * p.mask_blocks_k;
-    } else {
-      const int hm = hq / (p.heads_q / p.mask_heads);
-      const int64_t row = (static_cast<int64_t>(b) * p.mask_heads + hm) * p.mask_blocks_q + mq;
-      tiles.bits = p.mask_bitmap + row * p.mask_blocks_k;
-    }
-  }
-  TileCursor walker;
-  walker.settle(tiles);
+  const TileList tiles = setup_tile_list<kBlockQ>(p, b, hq, q0, causal_offset);
+  TileCursor walker = TileCursor::first(tiles);
   TileCursor loader = walker;
 
   // ---- global sources -----------------------------------------------------------------------------------
-  const int8_t* k8 = p.k8 + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.tokens_k * D;
-  const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.k_groups;
-  const uint8_t* v8t = nullptr;
+  const KvSources<D, kFp8> kv(p, b, hkv);
+  const int8_t* k8 = kv.k8;
+  const float* k_scale = kv.k_scale;
+  const uint8_t* v8t = kv.v8t;
   const unsigned char* v16 = nullptr;
-  if constexpr (kFp8) {
-    v8t = p.v8t + (static_cast<int64_t>(b) * p.heads_kv + hkv) * D * static_cast<int64_t>(p.vt_stride);
-  } else {
-    v16 = static_cast<const unsigned char*>(p.v) + 2 * (b * p.v_stride_b + hkv * p.v_stride_h);
-  }
+  if constexpr (!kFp8) v16 = static_cast<const unsigned char*>(p.v) + 2 * (b * p.v_stride_b + hkv * p.v_stride_h);
   const uint32_t smem_base = smem_address(smem);
 
   auto load_tile = [&](int tile, int stage) {
-    const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
-    const uint32_t v_dst = k_dst + KTile::kBytes;
-    const int key0 = tile * kBlockK;
-    const int valid = p.tokens_k - key0;
-    const unsigned char* k_src = reinterpret_cast<const unsigned char*>(k8) + static_cast<int64_t>(key0) * D;
-    KTile::template load<Cfg::kThreads>(k_dst, k_src, D, valid);
-    if constexpr (kFp8) {
-      VTile::template load<Cfg::kThreads>(v_dst, v8t + key0, p.vt_stride, D);
-    } else {
-      const unsigned char* v_src = v16 + 2 * static_cast<int64_t>(key0) * p.v_stride_t;
-      VTile::template load<Cfg::kThreads>(v_dst, v_src, 2 * p.v_stride_t, valid);
-    }
+    load_kv_tile<Cfg, D, kFp8>(p, smem_base + stage * Cfg::kStageBytes, tile, k8, v8t, v16);
   };
 
   // Q (INT8) once into shared memory, in the first cp.async group; then the first kStages-1 key tiles.
   const uint32_t q_smem = smem_base + kStages * Cfg::kStageBytes;
-  const int8_t* q8 = p.q8 + ((static_cast<int64_t>(b) * p.heads_q + hq) * p.tokens_q + q0) * D;
-  QTile::template load<Cfg::kThreads>(q_smem, reinterpret_cast<const unsigned char*>(q8), D, p.tokens_q - q0);
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (loader.tile >= 0) {
-      load_tile(loader.tile, s);
-      loader.next(tiles);
-    }
-    cp_async_commit();
-  }
+  start_pipeline<QTile, Cfg::kThreads, D, kStages>(p, b, hq, q0, q_smem, tiles, loader, load_tile);
 
-  float q_scale = 0.0f;
-  if (warp_row0 < p.tokens_q && limit > 0) {
-    const float* qs = p.q_scale + (static_cast<int64_t>(b) * p.heads_q + hq) * p.q_groups;
-    if (p.granularity == static_cast<int>(Granularity::PerBlock)) q_scale = qs[q0 / 128];
-    else if (p.granularity == static_cast<int>(Granularity::PerWarp)) q_scale = qs[warp_row0 / 16];
-    else q_scale = qs[(warp_row0 / 16) * 8 + g];
-  }
+  const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, tiles.limit);
 
   // Per-lane shared-memory offsets of the ldmatrix row addresses (see SwizzledTile).
   const int mi = lane / 8;
@@ -264,12 +161,7 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
 
     // K scales first: their loads are in flight during the MMAs. The logit is acc · (q_scale · k_scale).
     float qk_scale0, qk_scale1;
-    if (p.granularity == static_cast<int>(Granularity::PerThread)) {
-      qk_scale0 = q_scale * __ldg(k_scale + tile * 8 + 2 * t);
-      qk_scale1 = q_scale * __ldg(k_scale + tile * 8 + 2 * t + 1);
-    } else {
-      qk_scale0 = qk_scale1 = q_scale * __ldg(k_scale + tile);
-    }
+    qk_scales(p.granularity, k_scale, q_scale, tile, t, qk_scale0, qk_scale1);
 
     // ---- S = Q8 · K8ᵀ over 64 keys (8 n-tiles of 8) --------------------------------------------------------
     int acc[8][4];
@@ -292,72 +184,15 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
 
     // ---- dequantize to base-2 logits, mask, online softmax ----------------------------------------------------
     float s[8][4];
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      s[n][0] = exact_int_to_float(acc[n][0]) * qk_scale0;
-      s[n][1] = exact_int_to_float(acc[n][1]) * qk_scale1;
-      s[n][2] = exact_int_to_float(acc[n][2]) * qk_scale0;
-      s[n][3] = exact_int_to_float(acc[n][3]) * qk_scale1;
-    }
-    const int key0 = tile * kBlockK;
-    const bool needs_mask = key0 + kBlockK > p.tokens_k || (p.causal && key0 + kBlockK - 1 > warp_row0 + causal_offset);
-    if (needs_mask) {
-#pragma unroll
-      for (int n = 0; n < 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key0 + n * 8 + 2 * t + (e & 1);
-          const int row = warp_row0 + g + 8 * (e >> 1);
-          if (key >= p.tokens_k || (p.causal && key > row + causal_offset)) s[n][e] = -INFINITY;
-        }
-      }
-    }
+    dequantize_logits(acc, qk_scale0, qk_scale1, s);
+    mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
     float tile_max[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      tile_max[h] = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    }
-    if (pv_skip) {
-      // SpargeAttn stage 2: the warp (one 16-row group) skips exp, row sum and P·V of this tile when every
-      // row that sees a key of it has its tile max more than λ below its running max.
-      bool active = false, needed = false;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool row_active = warp_row0 + g + 8 * h < p.tokens_q && tile_max[h] != -INFINITY;
-        active |= row_active;
-        needed |= row_active && !(tile_max[h] < row_max[h] - pv_lambda);
-      }
-      const bool visited = __any_sync(0xffffffffu, active);
-      if (visited) ++pv_total;
-      if (visited && !__any_sync(0xffffffffu, needed)) {
-        ++pv_skipped;
-        continue;
-      }
-    }
-    float alpha[2], shift[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float mx = fmaxf(row_max[h], tile_max[h]);
-      const float use = mx == -INFINITY ? 0.0f : mx;
-      alpha[h] = fast_exp2(row_max[h] - use);
-      row_max[h] = mx;
-      shift[h] = kFp8 ? use - kLog2Of448 : use;
-    }
-    float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = fast_exp2(s[n][e] - shift[e >> 1]);
-        sum[e >> 1] += s[n][e];
-      }
-    }
-    row_sum[0] = row_sum[0] * alpha[0] + sum[0];
-    row_sum[1] = row_sum[1] * alpha[1] + sum[1];
+    tile_row_max(s, tile_max);
+    // SpargeAttn stage 2 (per warp): a skipped tile costs no exp, row sum or P·V.
+    if (pv_skip && stage2_skips_tile(tile_max, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total))
+      continue;
+    float alpha[2];
+    online_softmax_update<kFp8>(s, tile_max, row_max, row_sum, alpha);
     // FP16 P·V accumulates into O in the MMA, so O is rescaled first, and only when some row of the warp got a
     // new maximum (most tiles, after the first few, do not). FP8 P·V folds it into O = O·alpha + tile below.
     if (!kFp8 && __any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
@@ -374,15 +209,7 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
     if constexpr (kFp8) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 890
       uint32_t pa[2][4];  // two 32-key chunks, keys in permuted_key order
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        pa[c][0] = pack_e4m3x2(s[4 * c][0], s[4 * c][1]) | (pack_e4m3x2(s[4 * c + 1][0], s[4 * c + 1][1]) << 16);
-        pa[c][1] = pack_e4m3x2(s[4 * c][2], s[4 * c][3]) | (pack_e4m3x2(s[4 * c + 1][2], s[4 * c + 1][3]) << 16);
-        pa[c][2] =
-            pack_e4m3x2(s[4 * c + 2][0], s[4 * c + 2][1]) | (pack_e4m3x2(s[4 * c + 3][0], s[4 * c + 3][1]) << 16);
-        pa[c][3] =
-            pack_e4m3x2(s[4 * c + 2][2], s[4 * c + 2][3]) | (pack_e4m3x2(s[4 * c + 3][2], s[4 * c + 3][3]) << 16);
-      }
+      pack_p_e4m3(s, pa);
 #pragma unroll
       for (int d = 0; d < kDTiles; ++d) {
         // matrices: channels 8d..8d+7, key chunks 0..3 (16 keys each) -> b0,b1 of chunk 0 and of chunk 1
@@ -391,10 +218,7 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
         float tile_acc[4];
         mma_e4m3_16x8x32_zero(tile_acc, pa[0], r[0], r[1]);
         mma_e4m3_16x8x32(tile_acc, pa[1], r[2], r[3]);
-        o[d][0] = fmaf(o[d][0], alpha[0], tile_acc[0]);
-        o[d][1] = fmaf(o[d][1], alpha[0], tile_acc[1]);
-        o[d][2] = fmaf(o[d][2], alpha[1], tile_acc[2]);
-        o[d][3] = fmaf(o[d][3], alpha[1], tile_acc[3]);
+        fold_tile(o[d], tile_acc, alpha);
       }
 #endif
     } else {
@@ -418,75 +242,21 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
     }
   }
   cp_async_wait<0>();
-  if (p.pv_counters != nullptr && lane == 0) {
-    atomicAdd(p.pv_counters, pv_skipped);
-    atomicAdd(p.pv_counters + 1, pv_total);
-  }
+  add_stage2_counters(p, lane, pv_skipped, pv_total);
 
   // ---- epilogue: O / l (· v_scale), LSE ------------------------------------------------------------------------
   float inv[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = row_sum[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    row_sum[h] = l;
-    inv[h] = l > 0.0f ? 1.0f / l : 0.0f;
-  }
+  finish_row_sums(row_sum, inv);
   const float* v_scale = nullptr;
   if constexpr (kFp8) v_scale = p.v_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * D;
-  unsigned char* out = static_cast<unsigned char*>(p.out) + 2 * (b * p.o_stride_b + hq * p.o_stride_h);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = warp_row0 + g + 8 * h;
-    if (row >= p.tokens_q) continue;
-    unsigned char* out_row = out + 2 * (static_cast<int64_t>(row) * p.o_stride_t);
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) {
-      const int c = d * 8 + 2 * t;
-      float x0 = o[d][2 * h] * inv[h], x1 = o[d][2 * h + 1] * inv[h];
-      if constexpr (kFp8) {
-        x0 *= __ldg(v_scale + c);
-        x1 *= __ldg(v_scale + c + 1);
-      }
-      const uint32_t packed = p.out_bf16 ? pack_16bit_x2<true>(x0, x1) : pack_16bit_x2<false>(x0, x1);
-      unsigned char* dst = out_row + 2 * c;
-      if ((reinterpret_cast<uintptr_t>(dst) & 3u) == 0) {
-        *reinterpret_cast<uint32_t*>(dst) = packed;
-      } else {
-        reinterpret_cast<uint16_t*>(dst)[0] = static_cast<uint16_t>(packed & 0xffffu);
-        reinterpret_cast<uint16_t*>(dst)[1] = static_cast<uint16_t>(packed >> 16);
-      }
-    }
-    if (p.lse != nullptr && t == 0) {
-      float lse = -INFINITY;
-      if (row_sum[h] > 0.0f) {
-        const float log2_l = __log2f(row_sum[h]) - (kFp8 ? kLog2Of448 : 0.0f);
-        lse = kLn2 * (row_max[h] + log2_l);
-        if (p.q_km != nullptr) lse += p.q_km[(static_cast<int64_t>(b) * p.heads_q + hq) * p.tokens_q + row];
-      }
-      p.lse[b * p.l_stride_b + hq * p.l_stride_h + static_cast<int64_t>(row) * p.l_stride_t] = lse;
-    }
-  }
+  store_output_rows<kDTiles, kFp8>(p, b, hq, warp_row0, g, t, o, inv, row_max, row_sum, v_scale,
+                                   [](float m, float l) { return m + (__log2f(l) - (kFp8 ? kLog2Of448 : 0.0f)); });
 }
 
-// Host side of one instantiation: raises the dynamic shared-memory limit and launches.
+// Host side of one instantiation: raises the dynamic shared-memory limit and launches (attention_common.cuh).
 template <int D, PVMode PV, int Warps>
 int launch_attention_warps(const AttentionParams& params, void* stream) {
-  using Cfg = AttentionConfig<D, PV, Warps>;
-  int device = 0, smem_limit = 0;
-  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
-  if (const cudaError_t e = cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-      e != cudaSuccess)
-    return static_cast<int>(e);
-  if (Cfg::kSmemBytes > smem_limit) return kLaunchNeedsMoreSharedMemory;
-  // Per call (cheap): the attribute belongs to the current device.
-  const cudaError_t attribute_status = cudaFuncSetAttribute(
-      attention_kernel<D, PV, Warps>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (attribute_status != cudaSuccess) return static_cast<int>(attribute_status);
-  const dim3 grid((params.tokens_q + Cfg::kBlockQ - 1) / Cfg::kBlockQ, params.heads_q, params.batch);
-  attention_kernel<D, PV, Warps><<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(params);
-  return static_cast<int>(cudaGetLastError());
+  return launch_attention_kernel<AttentionConfig<D, PV, Warps>>(attention_kernel<D, PV, Warps>, params, stream);
 }
 
 // Warps per CTA: 4 (BLOCK_Q = 64). Measured on the H100 (B=4 H=32 N=16K, dense, kernel-only TOPS, 8 warps ->

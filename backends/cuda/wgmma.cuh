@@ -54,6 +54,14 @@ __device__ __forceinline__ void register_fence(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// A warpgroup accumulator seen per n-tile of 8 columns: d[4i + e] is element e of the mma.sync C fragment of
+// n-tile i (the layout above), so code written for [n][4] fragments takes it as it is: the same registers.
+template <typename T, int N>
+__device__ __forceinline__ T (&n_tiles(T (&d)[N]))[N / 4][4] {
+  static_assert(N % 4 == 0, "whole n-tiles");
+  return reinterpret_cast<T (&)[N / 4][4]>(d);
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || !defined(__CUDA_ARCH__)
 // D[64x64] (s32) = A·B + (accumulate ? D : 0); A (64x32 s8) and B (64x32 s8, K-major) in shared memory.
 __device__ __forceinline__ void wgmma_s8_m64n64k32(int (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
