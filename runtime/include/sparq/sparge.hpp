@@ -62,8 +62,8 @@ struct SpargeStats {
 };
 
 // out = attention restricted to the predicted blocks, with the stage-2 P·V skip. per_head: Hq entries, or one
-// for every head. On error nothing is written. Stage 2 (a finite pvthreshd) currently needs the Reference
-// backend; the others report NotSupported for it.
+// for every head. On error nothing is written. Every backend runs stage 2 (a finite pvthreshd); stage 1 (the
+// predictor) runs on the host for now, reading q and k back from the device.
 void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                       const SpargeOptions& options, const std::vector<SpargeParams>& per_head,
                       SpargeStats* stats = nullptr);
