@@ -2,6 +2,7 @@
 // attention map P̂, block selection, and the LUT the sparse kernels consume.
 #include "sparge_internal.hpp"
 
+#include "predictor_fp32.hpp"
 #include "reference.hpp"
 
 #include <algorithm>
@@ -57,13 +58,28 @@ HostTensor download(Context& ctx, const Tensor& t, Layout layout) {
   return h;
 }
 
-std::vector<float> token_mean(const float* x, int n, int d) {
+// Every floating-point step below is one of predictor_fp32.hpp's (docs/SPARGE.md, "Exact arithmetic"); the
+// GPU predictors repeat them in the same order.
+using fp32::add;
+using fp32::mul;
+using fp32::sub;
+
+float reciprocal(int n) { return n > 0 ? 1.0f / static_cast<float>(n) : 0.0f; }  // host only, correctly rounded
+
+float scale_log2(float scale) { return mul(scale, fp32::from_bits(0x3fb8aa3bu) /* log2(e) */); }
+
+std::vector<float> token_mean(const float* x, int n, int d, int block) {
   std::vector<float> mean(static_cast<std::size_t>(d), 0.0f);
   if (n <= 0) return mean;
+  const float inv_n = reciprocal(n);
   for (int c = 0; c < d; ++c) {
-    double sum = 0;
-    for (int j = 0; j < n; ++j) sum += x[static_cast<std::size_t>(j) * d + c];
-    mean[static_cast<std::size_t>(c)] = static_cast<float>(sum) / static_cast<float>(n);
+    fp32::TreeSum blocks;
+    for (int t0 = 0; t0 < n; t0 += block) {
+      fp32::TreeSum tokens;
+      for (int t = t0; t < std::min(n, t0 + block); ++t) tokens.push(fp32::ftz(x[static_cast<std::size_t>(t) * d + c]));
+      blocks.push(tokens.total());
+    }
+    mean[static_cast<std::size_t>(c)] = mul(blocks.total(), inv_n);
   }
   return mean;
 }
@@ -74,44 +90,46 @@ BlockSummary summarize_blocks(const float* x, int n, int d, int block, const flo
   s.dim = d;
   s.mean.assign(static_cast<std::size_t>(s.blocks) * d, 0.0f);
   s.sim.assign(static_cast<std::size_t>(s.blocks), 0.0f);
-  std::vector<double> sum(static_cast<std::size_t>(d)), unit(static_cast<std::size_t>(d)), row(static_cast<std::size_t>(d));
+  std::vector<float> v(static_cast<std::size_t>(d));
+  std::vector<fp32::TreeSum> sum(static_cast<std::size_t>(d)), unit(static_cast<std::size_t>(d));
   for (int bl = 0; bl < s.blocks; ++bl) {
     const int t0 = bl * block, t1 = std::min(n, t0 + block);
-    std::fill(sum.begin(), sum.end(), 0.0);
-    std::fill(unit.begin(), unit.end(), 0.0);
+    for (int c = 0; c < d; ++c) sum[static_cast<std::size_t>(c)].count = unit[static_cast<std::size_t>(c)].count = 0;
     bool finite = true;
     int nonzero = 0;
     for (int t = t0; t < t1; ++t) {
       const float* r = x + static_cast<std::size_t>(t) * d;
-      double norm2 = 0;
+      fp32::TreeSum norm2;
       for (int c = 0; c < d; ++c) {
-        double v = static_cast<double>(r[c]) - (shift ? shift[c] : 0.0f);
-        row[static_cast<std::size_t>(c)] = v;
-        sum[static_cast<std::size_t>(c)] += v;
-        norm2 += v * v;
+        const float xc = fp32::ftz(r[c]);
+        v[static_cast<std::size_t>(c)] = shift ? sub(xc, shift[c]) : xc;
+        norm2.push(mul(v[static_cast<std::size_t>(c)], v[static_cast<std::size_t>(c)]));
       }
-      if (!std::isfinite(norm2)) {
+      const float n2 = norm2.total();
+      float inv = 0.0f;  // zero rows (and non-finite ones, whose block is marked) add no direction
+      if (!std::isfinite(n2)) {
         finite = false;
-        continue;
-      }
-      if (norm2 > 0) {
+      } else if (n2 > 0.0f) {
         ++nonzero;
-        const double inv = 1.0 / std::sqrt(norm2);
-        for (int c = 0; c < d; ++c) unit[static_cast<std::size_t>(c)] += row[static_cast<std::size_t>(c)] * inv;
+        inv = fp32::rsqrt(n2);
+      }
+      for (int c = 0; c < d; ++c) {
+        sum[static_cast<std::size_t>(c)].push(v[static_cast<std::size_t>(c)]);
+        unit[static_cast<std::size_t>(c)].push(mul(v[static_cast<std::size_t>(c)], inv));
       }
     }
-    const int m = t1 - t0;
+    const float inv_m = reciprocal(t1 - t0);
     float* mean = s.mean.data() + static_cast<std::size_t>(bl) * d;
-    for (int c = 0; c < d; ++c) mean[c] = static_cast<float>(sum[static_cast<std::size_t>(c)] / m);
-    if (!finite) {
-      s.sim[static_cast<std::size_t>(bl)] = -1.0f;
-    } else if (nonzero == 0) {
-      s.sim[static_cast<std::size_t>(bl)] = 1.0f;  // identical (zero) tokens: the mean is exact
-    } else {
-      double u2 = 0;
-      for (int c = 0; c < d; ++c) u2 += unit[static_cast<std::size_t>(c)] * unit[static_cast<std::size_t>(c)];
-      s.sim[static_cast<std::size_t>(bl)] = static_cast<float>(u2 / (static_cast<double>(m) * m));
+    fp32::TreeSum u2;
+    for (int c = 0; c < d; ++c) {
+      mean[c] = mul(sum[static_cast<std::size_t>(c)].total(), inv_m);
+      const float u = unit[static_cast<std::size_t>(c)].total();
+      u2.push(mul(u, u));
     }
+    float& sim = s.sim[static_cast<std::size_t>(bl)];
+    if (!finite) sim = -1.0f;
+    else if (nonzero == 0) sim = 1.0f;  // identical (zero) tokens: the mean is exact
+    else sim = mul(mul(u2.total(), inv_m), inv_m);
   }
   return s;
 }
@@ -139,14 +157,15 @@ HeadMap head_map(const BlockSummary& qs, const BlockSummary& ks, const Geometry&
   map.nkb = g.blocks_k();
   map.q_sim = qs.sim;
   map.k_sim = ks.sim;
-  map.phat.assign(static_cast<std::size_t>(map.nqb) * map.nkb, 0.0f);
+  map.mass.assign(static_cast<std::size_t>(map.nqb) * map.nkb, 0.0f);
   map.valid_end.assign(static_cast<std::size_t>(map.nqb), 0);
   map.diag_begin.assign(static_cast<std::size_t>(map.nqb), 0);
   map.diag_end.assign(static_cast<std::size_t>(map.nqb), 0);
   map.row_dense.assign(static_cast<std::size_t>(map.nqb), 0);
   const int d = qs.dim;
+  const float s2 = scale_log2(scale);
   const int64_t shift = static_cast<int64_t>(g.tokens_k) - g.tokens_q;  // bottom-right alignment
-  std::vector<double> logit(static_cast<std::size_t>(map.nkb));
+  std::vector<float> logit(static_cast<std::size_t>(map.nkb));
   for (int qb = 0; qb < map.nqb; ++qb) {
     const int64_t q0 = static_cast<int64_t>(qb) * g.block_q;
     const int64_t q1 = std::min<int64_t>(g.tokens_q, q0 + g.block_q) - 1;
@@ -160,32 +179,27 @@ HeadMap head_map(const BlockSummary& qs, const BlockSummary& ks, const Geometry&
     map.valid_end[static_cast<std::size_t>(qb)] = end;
     if (end == 0) continue;
     const float* mq = qs.mean.data() + static_cast<std::size_t>(qb) * d;
-    double mx = -std::numeric_limits<double>::infinity();
     bool finite = true;
     for (int kb = 0; kb < end; ++kb) {
       const float* mk = ks.mean.data() + static_cast<std::size_t>(kb) * d;
-      double dot = 0;
-      for (int c = 0; c < d; ++c) dot += static_cast<double>(mq[c]) * mk[c];
-      const double s = dot * scale;
+      fp32::TreeSum dot;
+      for (int c = 0; c < d; ++c) dot.push(mul(mq[c], mk[c]));
+      const float s = mul(dot.total(), s2);  // base-2 logit of the block means
       if (!std::isfinite(s)) finite = false;
       logit[static_cast<std::size_t>(kb)] = s;
-      mx = std::max(mx, s);
     }
-    float* row = map.phat.data() + static_cast<std::size_t>(qb) * map.nkb;
+    float* row = map.mass.data() + static_cast<std::size_t>(qb) * map.nkb;
     if (!finite) {
       map.row_dense[static_cast<std::size_t>(qb)] = 1;
-      for (int kb = 0; kb < end; ++kb) row[kb] = 1.0f / static_cast<float>(end);
       continue;
     }
-    // A block's predicted mass: its real key count times exp(its mean logit).
-    double total = 0;
+    float mx = logit[0];
+    for (int kb = 1; kb < end; ++kb) mx = fp32::greater(logit[static_cast<std::size_t>(kb)], mx);
+    // A block's predicted mass: its real key count times 2^(its logit − the row max).
     for (int kb = 0; kb < end; ++kb) {
       const int keys = std::min(g.block_k, g.tokens_k - kb * g.block_k);
-      const double e = keys * std::exp(logit[static_cast<std::size_t>(kb)] - mx);
-      logit[static_cast<std::size_t>(kb)] = e;
-      total += e;
+      row[kb] = mul(static_cast<float>(keys), fp32::exp2_neg(sub(logit[static_cast<std::size_t>(kb)], mx)));
     }
-    for (int kb = 0; kb < end; ++kb) row[kb] = static_cast<float>(logit[static_cast<std::size_t>(kb)] / total);
   }
   return map;
 }
@@ -193,7 +207,7 @@ HeadMap head_map(const BlockSummary& qs, const BlockSummary& ks, const Geometry&
 void plan_row(const HeadMap& map, int qb, float simthreshd, bool dense, bool sink, bool diagonal, RowPlan& plan) {
   plan.order.clear();
   plan.forced = 0;
-  plan.cum.assign(1, 0.0);
+  plan.cum.assign(1, 0.0f);
   plan.extra.assign(1, 0);
   const int end = map.valid_end[static_cast<std::size_t>(qb)];
   if (end <= 0) return;
@@ -211,13 +225,15 @@ void plan_row(const HeadMap& map, int qb, float simthreshd, bool dense, bool sin
   for (int kb = 0; kb < end; ++kb)
     if (forced[static_cast<std::size_t>(kb)]) plan.order.push_back(kb);
   plan.forced = static_cast<int>(plan.order.size());
-  const float* row = map.phat.data() + static_cast<std::size_t>(qb) * map.nkb;
-  auto by_mass = [row](int a, int b) { return row[a] > row[b]; };  // stable: ties keep the lower index first
+  if (all) return;  // every valid block is kept; no ranking needed
+  const float* row = map.mass.data() + static_cast<std::size_t>(qb) * map.nkb;
+  // Rank by decreasing mass, ties by the lower index (= a stable sort; the GPUs rank by counting).
+  auto by_mass = [row](int a, int b) { return row[a] > row[b]; };
   for (int kb = 0; kb < end; ++kb)
     if (!forced[static_cast<std::size_t>(kb)]) plan.order.push_back(kb);
   std::stable_sort(plan.order.begin() + plan.forced, plan.order.end(), by_mass);
-  // The top-m blocks by P̂ over all valid blocks (forced included): their mass and how many are not forced.
-  // The non-forced ones among them are exactly the first extra[m] non-forced entries of the order.
+  // The top-m blocks by mass over all valid blocks (forced included): their mass (summed in rank order) and
+  // how many are not forced. The non-forced ones among them are exactly the first extra[m] non-forced entries.
   std::vector<int> all_sorted(static_cast<std::size_t>(end));
   std::iota(all_sorted.begin(), all_sorted.end(), 0);
   std::stable_sort(all_sorted.begin(), all_sorted.end(), by_mass);
@@ -225,24 +241,27 @@ void plan_row(const HeadMap& map, int qb, float simthreshd, bool dense, bool sin
   plan.extra.resize(static_cast<std::size_t>(end) + 1);
   for (int m = 0; m < end; ++m) {
     const int kb = all_sorted[static_cast<std::size_t>(m)];
-    plan.cum[static_cast<std::size_t>(m) + 1] = plan.cum[static_cast<std::size_t>(m)] + row[kb];
+    plan.cum[static_cast<std::size_t>(m) + 1] = add(plan.cum[static_cast<std::size_t>(m)], row[kb]);
     plan.extra[static_cast<std::size_t>(m) + 1] = plan.extra[static_cast<std::size_t>(m)] + (forced[static_cast<std::size_t>(kb)] ? 0 : 1);
   }
+}
+
+int top_count(const SpargeParams& p, const float* cum, int end) {
+  int m;
+  if (p.topk > 0) {
+    m = static_cast<int>(std::ceil(mul(p.topk, static_cast<float>(end))));
+  } else {
+    // the fewest top blocks whose mass reaches τ of the row's
+    const float target = mul(p.cdfthreshd, cum[end]);
+    m = static_cast<int>(std::lower_bound(cum, cum + end + 1, target) - cum);
+  }
+  return std::clamp(m, 1, end);
 }
 
 int RowPlan::kept(const SpargeParams& p) const {
   const int end = static_cast<int>(order.size());
   if (end == 0 || forced >= end) return end;
-  int m;
-  if (p.topk > 0) {
-    m = static_cast<int>(std::ceil(static_cast<double>(p.topk) * end - 1e-9));
-  } else {
-    // the fewest top blocks whose mass reaches τ of the row's
-    const double target = static_cast<double>(p.cdfthreshd) * cum.back();
-    m = static_cast<int>(std::lower_bound(cum.begin(), cum.end(), target) - cum.begin());
-  }
-  m = std::clamp(m, 1, end);
-  return forced + extra[static_cast<std::size_t>(m)];
+  return forced + extra[static_cast<std::size_t>(top_count(p, cum.data(), end))];
 }
 
 void select_blocks(const HeadMap& map, int qb, const SpargeParams& p, bool sink, bool diagonal,
@@ -276,7 +295,7 @@ Lut predict_lut(const HostTensor& q, const HostTensor& k, const SpargeOptions& o
   std::vector<BlockSummary> kblocks(static_cast<std::size_t>(k.batch) * k.heads);
   reference::parallel_for(kblocks.size(), [&](std::size_t e) {
     const float* kx = k.head(static_cast<int>(e) / k.heads, static_cast<int>(e) % k.heads);
-    std::vector<float> km = token_mean(kx, k.tokens, k.dim);
+    std::vector<float> km = token_mean(kx, k.tokens, k.dim, g.block_k);
     kblocks[e] = summarize_blocks(kx, k.tokens, k.dim, g.block_k, km.data());
   });
   std::vector<int64_t> valid(static_cast<std::size_t>(lut.batch) * lut.heads, 0), computed(valid.size(), 0);

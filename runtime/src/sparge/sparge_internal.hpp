@@ -30,14 +30,21 @@ HostTensor download(Context& ctx, const Tensor& t, Layout layout);
 // Per block of `block` tokens of one sequence x [n, d]: the mean row (of x - shift when shift is given) and
 // the self-similarity ||Σ u_i||² / m² (u_i = row / ||row||, m = real rows of the block; zero rows count in
 // m but add nothing; a block of zero rows has similarity 1; a block with a non-finite value -1).
+// All of stage 1 is computed in the exact fp32 arithmetic of predictor_fp32.hpp (docs/SPARGE.md), which the
+// GPU predictors reproduce bit for bit.
 struct BlockSummary {
   int blocks = 0, dim = 0;
   std::vector<float> mean;  // [blocks, dim]
   std::vector<float> sim;   // [blocks]
 };
 BlockSummary summarize_blocks(const float* x, int n, int d, int block, const float* shift);
-// Per channel mean over the n tokens (K smoothing), fp32 from an exact sum.
-std::vector<float> token_mean(const float* x, int n, int d);
+// Per channel mean over the n tokens (K smoothing of the prediction): tree sums per block of `block` tokens,
+// a tree sum of those, times the host's 1/n.
+std::vector<float> token_mean(const float* x, int n, int d, int block);
+// 1/n rounded correctly (0 for n <= 0): the only division, done on the host and handed to the GPU kernels.
+float reciprocal(int n);
+// scale·log2(e) in fp32: the factor from a dot product of block means to a base-2 logit.
+float scale_log2(float scale);
 
 struct Geometry {
   int tokens_q = 0, tokens_k = 0, block_q = 0, block_k = 0;
@@ -54,7 +61,7 @@ struct HeadMap {
   int nqb = 0, nkb = 0;
   std::vector<float> q_sim;     // [nqb]
   std::vector<float> k_sim;     // [nkb]
-  std::vector<float> phat;      // [nqb, nkb]: row softmax of the compressed map over the valid blocks
+  std::vector<float> mass;      // [nqb, nkb]: keys_j · 2^(logit_j − row max) over the valid blocks (unnormalized P̂)
   std::vector<int> valid_end;   // [nqb]: the valid (causally visible) key blocks are [0, valid_end)
   std::vector<int> diag_begin;  // [nqb]: key blocks [diag_begin, diag_end) hold the query block's positions
   std::vector<int> diag_end;
@@ -69,12 +76,15 @@ HeadMap head_map(const BlockSummary& q_blocks, const BlockSummary& k_blocks, con
 struct RowPlan {
   std::vector<int> order;
   int forced = 0;
-  std::vector<double> cum;  // cum[m]: P̂ mass of the m most massive valid blocks (forced ones included)
+  std::vector<float> cum;   // cum[m]: mass of the m most massive valid blocks (forced included), summed in rank order
   std::vector<int> extra;   // extra[m]: how many of those m are not forced
   // How many leading entries of `order` the parameters keep (forced + the non-forced part of the top set).
   int kept(const SpargeParams& p) const;
 };
 void plan_row(const HeadMap& map, int qb, float simthreshd, bool dense, bool sink, bool diagonal, RowPlan& plan);
+// How many of the most massive blocks τ (first m with cum[m] >= τ·cum[end]) or top-k (ceil(k·end)) takes,
+// clamped to [1, end]. cum: end + 1 entries.
+int top_count(const SpargeParams& p, const float* cum, int end);
 // The selected key blocks of qb, ascending.
 void select_blocks(const HeadMap& map, int qb, const SpargeParams& p, bool sink, bool diagonal,
                    std::vector<int>& selected);

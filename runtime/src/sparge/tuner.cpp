@@ -218,7 +218,7 @@ struct Tuner::Impl {
 
   sparge::HeadMap head_map(const Instance& in) const {
     const sparge::Geometry g = geometry(in);
-    std::vector<float> km = sparge::token_mean(in.k, in.nk, in.d);
+    std::vector<float> km = sparge::token_mean(in.k, in.nk, in.d, g.block_k);
     sparge::BlockSummary ks = sparge::summarize_blocks(in.k, in.nk, in.d, g.block_k, km.data());
     sparge::BlockSummary qs = sparge::summarize_blocks(in.q, in.nq, in.d, g.block_q, nullptr);
     return sparge::head_map(qs, ks, g, scale(in.d));
