@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <limits>
+#include <optional>
 #include <fstream>
 #include <random>
 #include <string>
@@ -900,6 +902,226 @@ TEST_CASE("sparq tune: .npy and .safetensors inputs, progress, a loadable file")
   const std::string text2((std::istreambuf_iterator<char>(lf2)), std::istreambuf_iterator<char>());
   CHECK(contains(text2, "--l1: expected a number"));
   fs::remove_all(dir);
+}
+
+// ---- device predictor and permutation (Vulkan, CUDA) -----------------------------------------------------
+// The GPU predictors must produce the reference's LUT bit for bit (docs/SPARGE.md, "Exact arithmetic").
+
+// A context of `backend`, or nothing (with a message) when this build or machine has none.
+std::optional<Context> device_context(Backend backend) {
+  try {
+    return Context::create(backend);
+  } catch (const Error& e) {
+    if (e.status() != Status::BackendUnavailable) throw;
+    MESSAGE("no " << std::string(to_string(backend)) << " device (" << std::string(e.what()) << "): skipping");
+    return std::nullopt;
+  }
+}
+
+enum class PredInput { Grid, Random, NonFinite, TinyBf16 };
+
+struct PredCase {
+  std::string name;
+  int B = 1, Hq = 2, Hkv = 1, Nq = 1000, Nk = 1000, D = 64;
+  bool causal = false;
+  int block_q = 128, block_k = 64;
+  bool sink = false, diagonal = true;
+  Layout layout = Layout::HND;
+  std::vector<SpargeParams> params = {SpargeParams{}};
+  PredInput input = PredInput::Grid;
+};
+
+SpargeParams sp(float theta, float tau, float topk = 0.0f, bool dense = false) {
+  SpargeParams p;
+  p.simthreshd = theta;
+  p.cdfthreshd = tau;
+  p.topk = topk;
+  p.dense = dense;
+  return p;
+}
+
+std::vector<PredCase> predictor_cases() {
+  std::vector<PredCase> c;
+  c.push_back({"grid, partial last blocks, tau"});
+  c.back().params = {sp(0.5f, 0.9f)};
+  c.push_back({"Nq != Nk, causal, GQA, per-head tau / top-k / dense / theta", 1, 4, 2, 700, 1300, 64, true});
+  c.back().params = {sp(0.3f, 0.95f), sp(0.0f, 0.0f, 0.3f), sp(0.6f, 0.9f, 0.0f, true), sp(0.9f, 0.5f)};
+  c.push_back({"Nq > Nk, causal (rows without keys), sink", 1, 2, 2, 1300, 500, 64, true});
+  c.back().sink = true;
+  c.back().params = {sp(0.0f, 0.7f)};
+  c.push_back({"blocks 192 x 128, top-k, sink, no diagonal", 2, 2, 1, 1000, 1000, 128});
+  c.back().block_q = 192, c.back().block_k = 128, c.back().sink = true, c.back().diagonal = false;
+  c.back().params = {sp(0.0f, 0.0f, 0.2f), sp(0.2f, 0.0f, 0.05f)};
+  c.push_back({"random inputs, D = 128", 2, 2, 1, 600, 600, 128});
+  c.back().input = PredInput::Random;
+  c.back().params = {sp(0.0f, 0.98f)};
+  c.push_back({"non-finite inputs", 1, 2, 1, 640, 640, 64});
+  c.back().input = PredInput::NonFinite;
+  c.back().params = {sp(0.0f, 0.6f)};
+  c.push_back({"bf16 with subnormal fp32 values and a zero block", 1, 2, 2, 520, 520, 64});
+  c.back().input = PredInput::TinyBf16;
+  c.back().params = {sp(0.0f, 0.8f)};
+  c.push_back({"NHD layout, tau 1", 1, 2, 2, 777, 777, 64});
+  c.back().layout = Layout::NHD;
+  c.back().params = {sp(0.4f, 1.0f)};
+  return c;
+}
+
+// fp32 host data of a case, HND: q [B, Hq, Nq, D], k [B, Hkv, Nk, D].
+void predictor_inputs(const PredCase& c, std::vector<float>& q, std::vector<float>& k) {
+  const int N = std::max(c.Nq, c.Nk);
+  Qkv x = c.input == PredInput::Random ? random_inputs(c.B, c.Hq, c.Hkv, N, c.D, 17)
+                                       : grid_inputs(1, 1, N, c.B, c.Hq, c.Hkv, c.D, 20.0, 40.0, 23);
+  auto take = [&](const std::vector<float>& all, int heads, int n) {
+    std::vector<float> out;
+    for (int bh = 0; bh < c.B * heads; ++bh)
+      out.insert(out.end(), all.begin() + static_cast<std::ptrdiff_t>(bh) * N * c.D,
+                 all.begin() + (static_cast<std::ptrdiff_t>(bh) * N + n) * c.D);
+    return out;
+  };
+  q = take(x.q, c.Hq, c.Nq);
+  k = take(x.k, c.Hkv, c.Nk);
+  if (c.input == PredInput::NonFinite) {
+    q[static_cast<std::size_t>(5) * c.D + 3] = std::nanf("");                                  // query block 0
+    q[static_cast<std::size_t>(c.Nq + 300) * c.D + 7] = std::numeric_limits<float>::infinity();  // head 1
+    k[static_cast<std::size_t>(200) * c.D + 1] = -std::numeric_limits<float>::infinity();
+  }
+  if (c.input == PredInput::TinyBf16) {
+    for (float& e : q) e *= 1e-38f;  // fp32 subnormals and tiny normals
+    for (std::size_t i = 0; i < k.size() / 2; ++i) k[i] *= 3e-38f;
+    std::fill(k.begin() + 64 * c.D, k.begin() + 128 * c.D, 0.0f);  // key block 1 of kv head 0: zeros
+    std::fill(q.begin(), q.begin() + 128 * c.D, 0.0f);              // query block 0 of head 0: zeros
+  }
+}
+
+Tensor upload_as(Context& ctx, const std::vector<float>& x, int B, int H, int N, int D, DType dtype, Layout layout) {
+  std::vector<uint16_t> bits(x.size());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int n = 0; n < N; ++n)
+        for (int c = 0; c < D; ++c) {
+          const float e = x[((static_cast<std::size_t>(b) * H + h) * N + n) * D + c];
+          const std::size_t at = layout == Layout::HND ? ((static_cast<std::size_t>(b) * H + h) * N + n) * D + c
+                                                       : ((static_cast<std::size_t>(b) * N + n) * H + h) * D + c;
+          bits[at] = dtype == DType::BF16 ? reference::float_to_bf16(e) : reference::float_to_half(e);
+        }
+  if (layout == Layout::HND) return ctx.from_host(dtype, {B, H, N, D}, bits.data());
+  return ctx.from_host(dtype, {B, N, H, D}, bits.data());
+}
+
+void check_device_predictor(Context& gpu) {
+  Context ref = Context::create(Backend::Reference);
+  for (const PredCase& c : predictor_cases()) {
+    CAPTURE(c.name);
+    std::vector<float> q, k;
+    predictor_inputs(c, q, k);
+    const DType dtype = c.input == PredInput::TinyBf16 ? DType::BF16 : DType::F16;
+    SpargeOptions opt;
+    opt.block_q = c.block_q;
+    opt.block_k = c.block_k;
+    opt.attention_sink = c.sink;
+    opt.diagonal = c.diagonal;
+    opt.attention.causal = c.causal;
+    opt.attention.layout = c.layout;
+    SpargeStats sg, sr;
+    Tensor gq = upload_as(gpu, q, c.B, c.Hq, c.Nq, c.D, dtype, c.layout);
+    Tensor gk = upload_as(gpu, k, c.B, c.Hkv, c.Nk, c.D, dtype, c.layout);
+    Tensor rq = upload_as(ref, q, c.B, c.Hq, c.Nq, c.D, dtype, c.layout);
+    Tensor rk = upload_as(ref, k, c.B, c.Hkv, c.Nk, c.D, dtype, c.layout);
+    LutHost lg = lut_of(gpu, predict_block_mask(gpu, gq, gk, opt, c.params, &sg));
+    LutHost lr = lut_of(ref, predict_block_mask(ref, rq, rk, opt, c.params, &sr));
+    CHECK(sg.predicted_on_device);
+    CHECK_FALSE(sr.predicted_on_device);
+    MESSAGE(c.name << ": block sparsity " << sr.block_sparsity);
+    REQUIRE(lg.counts.size() == lr.counts.size());
+    std::size_t first = 0;
+    while (first < lr.counts.size() && lg.counts[first] == lr.counts[first]) ++first;
+    INFO("first differing row " << first);
+    CHECK(lg.counts == lr.counts);
+    CHECK(lg.indices == lr.indices);
+    CHECK(sg.blocks_computed == sr.blocks_computed);
+    CHECK(sg.blocks_valid == sr.blocks_valid);
+  }
+}
+
+// sparge_attention with the device predictor (and, with a grid, the device permutation) against the same call
+// with the host predictor: the same LUT, hence the same output bit for bit.
+void check_device_sparge_attention(Context& gpu) {
+  const int H = 48, W = 48;
+  Qkv x = grid_inputs(1, H, W, 1, 2, 2, 64, 20.0, 6.0, 11);
+  Device d = upload(gpu, x);
+  SpargeParams p = sp(0.5f, 0.99f);
+  p.pvthreshd = 6.0f;
+  for (bool hilbert : {false, true}) {
+    CAPTURE(hilbert);
+    SpargeOptions opt;
+    if (hilbert) opt.hilbert = TokenGrid{1, H - 1, W};  // the first 47 rows; the last 48 tokens stay in place
+    SpargeStats on_device, on_host;
+    sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_device);
+    const auto a = download(gpu, d.out);
+    setenv("SPARQ_SPARGE_PREDICTOR", "host", 1);
+    sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_host);
+    unsetenv("SPARQ_SPARGE_PREDICTOR");
+    const auto b = download(gpu, d.out);
+    CHECK(on_device.predicted_on_device);
+    CHECK_FALSE(on_host.predicted_on_device);
+    CHECK(on_device.blocks_computed == on_host.blocks_computed);
+    CHECK(on_device.pv_skipped == on_host.pv_skipped);
+    CHECK(test::bitwise_equal(a, b));
+    if (hilbert) CHECK(on_device.block_sparsity > 0.3);
+    MESSAGE("device sparge_attention, hilbert " << hilbert << ": blocks " << on_device.blocks_computed << "/" << on_device.blocks_valid << " block sparsity " << on_device.block_sparsity
+                                                << ", rel L1 " << rel_l1(a, exact_out(x)));
+  }
+}
+
+// permute_tokens on the device: the host permutation's result, and the inverse restores the input exactly.
+void check_device_permutation(Context& gpu) {
+  Context host = Context::create(Backend::Reference);
+  for (Layout layout : {Layout::HND, Layout::NHD}) {
+    for (DType dtype : {DType::F16, DType::BF16}) {
+      CAPTURE(static_cast<int>(layout));
+      const int B = 2, H = 3, N = 301, D = 64;
+      std::vector<uint16_t> src(static_cast<std::size_t>(B) * H * N * D);
+      std::mt19937 rng(5);
+      for (uint16_t& e : src) e = static_cast<uint16_t>(rng() & 0x7bff);  // any finite bits
+      const std::vector<int64_t> shape = layout == Layout::HND ? std::vector<int64_t>{B, H, N, D}
+                                                               : std::vector<int64_t>{B, N, H, D};
+      const auto order = hilbert_order(1, 12, 23);  // 276 tokens: the last 25 stay in place
+      Tensor a = gpu.from_host(dtype, shape, src.data());
+      Tensor p = gpu.empty(dtype, shape), back = gpu.empty(dtype, shape);
+      permute_tokens(gpu, a, p, order, layout);
+      permute_tokens(gpu, p, back, inverse_permutation(order), layout);
+      Tensor ha = host.from_host(dtype, shape, src.data());
+      Tensor hp = host.empty(dtype, shape);
+      permute_tokens(host, ha, hp, order, layout);
+      std::vector<uint16_t> got(src.size()), want(src.size()), round(src.size());
+      gpu.to_host(p, got.data());
+      host.to_host(hp, want.data());
+      gpu.to_host(back, round.data());
+      CHECK(got == want);
+      CHECK(round == src);
+      CHECK(got != src);
+    }
+  }
+}
+
+TEST_CASE("device predictor (Vulkan): the reference's LUT bit for bit") {
+  if (auto gpu = device_context(Backend::Vulkan)) check_device_predictor(*gpu);
+}
+TEST_CASE("device predictor (Vulkan): sparge_attention with it equals the host predictor's") {
+  if (auto gpu = device_context(Backend::Vulkan)) check_device_sparge_attention(*gpu);
+}
+TEST_CASE("device permutation (Vulkan): matches the host and round-trips exactly") {
+  if (auto gpu = device_context(Backend::Vulkan)) check_device_permutation(*gpu);
+}
+TEST_CASE("device predictor (CUDA): the reference's LUT bit for bit") {
+  if (auto gpu = device_context(Backend::Cuda)) check_device_predictor(*gpu);
+}
+TEST_CASE("device predictor (CUDA): sparge_attention with it equals the host predictor's") {
+  if (auto gpu = device_context(Backend::Cuda)) check_device_sparge_attention(*gpu);
+}
+TEST_CASE("device permutation (CUDA): matches the host and round-trips exactly") {
+  if (auto gpu = device_context(Backend::Cuda)) check_device_permutation(*gpu);
 }
 
 }  // TEST_SUITE

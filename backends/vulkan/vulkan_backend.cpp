@@ -43,6 +43,19 @@ struct VkParams {
 };
 static_assert(sizeof(VkParams) % 4 == 0, "vkCmdUpdateBuffer needs a multiple of 4 bytes");
 
+// The uniform parameter block of the SpargeAttn kernels (templates/glsl/sparge_common.glsl, SpgParamsBlock).
+struct SpgParams {
+  std::uint32_t B, Hq, Hkv, Nq, Nk, D, group_size;
+  std::uint32_t q_off, q_sb, q_sh, q_st;
+  std::uint32_t k_off, k_sb, k_sh, k_st;
+  std::uint32_t bq, bk, nqb, nkb;
+  std::uint32_t causal, sink, diagonal;
+  float scale_log2, inv_nk, inv_bq, inv_tail_q, inv_bk, inv_tail_k;
+  std::uint32_t counts_off, indices_off;
+  std::uint32_t p_off, p_sb, p_sh, p_st, d_off, d_sb, d_sh, d_st, p_heads, p_tokens, p_order;
+};
+static_assert(sizeof(SpgParams) % 4 == 0, "vkCmdUpdateBuffer needs a multiple of 4 bytes");
+
 constexpr int kTile = 64;  // query rows and keys per attention tile (= mask granularity)
 
 class VulkanBackend;
@@ -80,6 +93,8 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   void upload(Storage& dst, std::size_t offset, const void* src, std::size_t bytes) override;
   void download(const Storage& src, std::size_t offset, void* dst, std::size_t bytes) override;
   void attention(const AttentionProblem& p) override;
+  bool sparge_predict(const SpargePredictProblem& sp) override;
+  bool permute_tokens(const PermuteProblem& pp) override;
   void synchronize() override { wait(); }
 
   void release(Buffer& buffer);  // from ~VulkanStorage
@@ -93,6 +108,9 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   VkDescriptorSet descriptor_set(const BindSet& binds);
   void reset_descriptors();
   void copy(VkBuffer src, VkDeviceSize src_off, VkBuffer dst, VkDeviceSize dst_off, VkDeviceSize bytes);
+  // Recorded into cmd_: transfer writes -> shader reads/writes; shader writes -> later shader reads/writes.
+  void barrier_transfer_to_compute();
+  void barrier_compute_to_compute();
 
   std::shared_ptr<Device> dev_;
   VkDevice vk_ = VK_NULL_HANDLE;
@@ -108,6 +126,8 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   // Scratch of the preprocessing passes (grow-only).
   Buffer q8_, k8_, qscale_, kscale_, kmean_, qkm_, k16_;
   Buffer pv_thr_, pv_stats_;  // SpargeAttn stage 2: thresholds [Hq], counters [total, skipped]
+  // SpargeAttn stage 1 (sparge_common.glsl's buffers) and the token permutation's order.
+  Buffer spg_params_, spg_ksum_, spg_km_, spg_kmean_, spg_ksim_, spg_qmean_, spg_qsim_, spg_head_, spg_order_;
 };
 
 constexpr std::uint32_t kMaxSets = 256;
@@ -119,7 +139,9 @@ VulkanStorage::~VulkanStorage() {
 VulkanBackend::~VulkanBackend() {
   if (!vk_) return;
   vkDeviceWaitIdle(vk_);
-  for (Buffer* b : {&staging_, &params_, &dummy_, &q8_, &k8_, &qscale_, &kscale_, &kmean_, &qkm_, &k16_, &pv_thr_, &pv_stats_})
+  for (Buffer* b : {&staging_, &params_, &dummy_, &q8_, &k8_, &qscale_, &kscale_, &kmean_, &qkm_, &k16_, &pv_thr_, &pv_stats_,
+                    &spg_params_, &spg_ksum_, &spg_km_, &spg_kmean_, &spg_ksim_, &spg_qmean_, &spg_qsim_, &spg_head_,
+                    &spg_order_})
     dev_->destroy_buffer(*b);
   if (dpool_) vkDestroyDescriptorPool(vk_, dpool_, nullptr);
   if (queries_) vkDestroyQueryPool(vk_, queries_, nullptr);
@@ -156,6 +178,8 @@ void VulkanBackend::init() {
   params_ = dev_->create_buffer(sizeof(VkParams), VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT,
                                 false);
   dummy_ = dev_->create_buffer(256, VK_BUFFER_USAGE_STORAGE_BUFFER_BIT, false);
+  spg_params_ = dev_->create_buffer(sizeof(SpgParams),
+                                    VK_BUFFER_USAGE_UNIFORM_BUFFER_BIT | VK_BUFFER_USAGE_TRANSFER_DST_BIT, false);
 }
 
 void VulkanBackend::wait() {
@@ -205,6 +229,22 @@ void VulkanBackend::release(Buffer& buffer) {
   }
   reset_descriptors();
   dev_->destroy_buffer(buffer);
+}
+
+void VulkanBackend::barrier_transfer_to_compute() {
+  VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
+  mb.srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT;
+  mb.dstAccessMask = VK_ACCESS_UNIFORM_READ_BIT | VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT;
+  vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0, nullptr,
+                       0, nullptr);
+}
+
+void VulkanBackend::barrier_compute_to_compute() {
+  VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
+  mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT;
+  mb.dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT;
+  vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0,
+                       nullptr, 0, nullptr);
 }
 
 void VulkanBackend::reset_descriptors() {
@@ -525,28 +565,17 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     vkCmdUpdateBuffer(cmd_, pv_thr_.buffer, 0, VkDeviceSize(p.heads_q) * 4, p.pv_threshold.data());
     vkCmdFillBuffer(cmd_, pv_stats_.buffer, 0, 16, 0u);
   }
-  VkMemoryBarrier to_shader{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
-  to_shader.srcAccessMask = VK_ACCESS_TRANSFER_WRITE_BIT;
-  to_shader.dstAccessMask = VK_ACCESS_UNIFORM_READ_BIT | VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT;
-  vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_TRANSFER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &to_shader, 0,
-                       nullptr, 0, nullptr);
+  barrier_transfer_to_compute();
   const bool timed = profiling_ && queries_;
   if (timed) {
     vkCmdResetQueryPool(cmd_, queries_, 0, 3);
     vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 0);
   }
   vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
-  auto compute_barrier = [&] {
-    VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
-    mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT;
-    mb.dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT;
-    vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0,
-                         nullptr, 0, nullptr);
-  };
   if (smooth) {
     vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
     vkCmdDispatch(cmd_, (D + 63) / 64, p.heads_kv, p.batch);
-    compute_barrier();
+    barrier_compute_to_compute();
   }
   bool q_pass = int8 || (smooth && p.has_lse);
   bool k_pass = Nk > 0;
@@ -562,7 +591,7 @@ void VulkanBackend::attention(const AttentionProblem& p) {
       vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
       vkCmdDispatch(cmd_, k_spans, p.heads_kv, p.batch);
     }
-    compute_barrier();
+    barrier_compute_to_compute();
   }
   if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 1);
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, attn);
@@ -598,6 +627,142 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     timing_.total_ms = double((ts[2] - ts[0]) & mask) * period_ms;
     timing_.attention_ms = double((ts[2] - ts[1]) & mask) * period_ms;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SpargeAttn: stage-1 predictor and token permutation (templates/glsl/sparge_*.comp.j2)
+
+namespace {
+constexpr int kSpargeMaxKeyBlocks = 1024;  // MAX_KB of sparge_select
+constexpr int kSpargeMaxDim = 256;         // 64 threads x MAX_CH channels of sparge_pool
+constexpr int64_t kSpargeMaxTokens = (int64_t(1) << 24) - 1;  // what TREE_LEVELS = 24 sums
+}  // namespace
+
+bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
+  const auto& limits = dev_->properties().limits;
+  const int D = sp.head_dim;
+  const bool fits = D <= kSpargeMaxDim && sp.blocks_k <= kSpargeMaxKeyBlocks && sp.heads_q <= 4096 &&
+                    sp.tokens_q <= kSpargeMaxTokens && sp.tokens_k <= kSpargeMaxTokens &&
+                    std::uint32_t(std::max(sp.blocks_q, sp.blocks_k)) <= limits.maxComputeWorkGroupCount[0] &&
+                    std::uint32_t(sp.heads_q) <= limits.maxComputeWorkGroupCount[1] &&
+                    std::uint32_t(sp.batch) <= limits.maxComputeWorkGroupCount[2];
+  if (!fits) return false;
+  const int B = sp.batch, Hq = sp.heads_q, Hkv = sp.heads_kv, nqb = sp.blocks_q, nkb = sp.blocks_k;
+  SpgParams prm{};
+  prm.B = B, prm.Hq = Hq, prm.Hkv = Hkv, prm.Nq = sp.tokens_q, prm.Nk = sp.tokens_k, prm.D = D;
+  prm.group_size = Hq / Hkv;
+  prm.bq = sp.block_q, prm.bk = sp.block_k, prm.nqb = nqb, prm.nkb = nkb;
+  prm.causal = sp.causal, prm.sink = sp.sink, prm.diagonal = sp.diagonal;
+  prm.scale_log2 = sp.scale_log2, prm.inv_nk = sp.inv_tokens_k;
+  prm.inv_bq = sp.inv_block_q, prm.inv_tail_q = sp.inv_tail_q, prm.inv_bk = sp.inv_block_k, prm.inv_tail_k = sp.inv_tail_k;
+
+  BindSet binds;
+  binds.fill(BindRange{dummy_.buffer, 0, dummy_.size});
+  binds[0] = {spg_params_.buffer, 0, sizeof(SpgParams)};
+  OperandBinding q = bind_operand(*dev_, sp.q, 2, last_index(sp.q, B, Hq, sp.tokens_q, D), "q");
+  OperandBinding k = bind_operand(*dev_, sp.k, 2, last_index(sp.k, B, Hkv, sp.tokens_k, D), "k");
+  binds[1] = q.range, binds[2] = k.range;
+  prm.q_off = q.first, prm.q_sb = u32(sp.q.stride_batch, "stride"), prm.q_sh = u32(sp.q.stride_head, "stride");
+  prm.q_st = u32(sp.q.stride_token, "stride");
+  prm.k_off = k.first, prm.k_sb = u32(sp.k.stride_batch, "stride"), prm.k_sh = u32(sp.k.stride_head, "stride");
+  prm.k_st = u32(sp.k.stride_token, "stride");
+  const int64_t rows = int64_t(B) * Hq * nqb;
+  OperandBinding counts = bind_operand(*dev_, sp.counts, 4, rows - 1, "LUT counts");
+  OperandBinding indices = bind_operand(*dev_, sp.indices, 4, rows * nkb - 1, "LUT indices");
+  binds[10] = counts.range, binds[11] = indices.range;
+  prm.counts_off = counts.first, prm.indices_off = indices.first;
+
+  const VkDeviceSize kv_blocks = VkDeviceSize(B) * Hkv * nkb, q_blocks = VkDeviceSize(B) * Hq * nqb;
+  ensure(spg_ksum_, kv_blocks * D * 4);
+  ensure(spg_km_, VkDeviceSize(B) * Hkv * D * 4);
+  ensure(spg_kmean_, kv_blocks * D * 4);
+  ensure(spg_ksim_, kv_blocks * 4);
+  ensure(spg_qmean_, q_blocks * D * 4);
+  ensure(spg_qsim_, q_blocks * 4);
+  ensure(spg_head_, VkDeviceSize(Hq) * 16);
+  for (const Buffer* b : {&spg_ksum_, &spg_kmean_, &spg_qmean_})
+    if (b->size > limits.maxStorageBufferRange) return false;
+  auto whole = [](const Buffer& b) { return BindRange{b.buffer, 0, b.size}; };
+  binds[3] = whole(spg_ksum_), binds[4] = whole(spg_km_), binds[5] = whole(spg_kmean_), binds[6] = whole(spg_ksim_);
+  binds[7] = whole(spg_qmean_), binds[8] = whole(spg_qsim_), binds[9] = whole(spg_head_);
+  std::vector<float> head(std::size_t(Hq) * 4);
+  for (int h = 0; h < Hq; ++h) {
+    head[std::size_t(h) * 4 + 0] = sp.simthreshd[std::size_t(h)];
+    head[std::size_t(h) * 4 + 1] = sp.cdfthreshd[std::size_t(h)];
+    head[std::size_t(h) * 4 + 2] = sp.topk[std::size_t(h)];
+    head[std::size_t(h) * 4 + 3] = sp.dense[std::size_t(h)] ? 1.0f : 0.0f;
+  }
+
+  const VkBool32 in_bf16 = sp.q.dtype == DType::BF16;
+  VkPipeline pool = dev_->pipeline("sparge_pool", {in_bf16});
+  VkPipeline kmean = dev_->pipeline("sparge_kmean", {});
+  VkPipeline select = dev_->pipeline("sparge_select", {});
+  VkDescriptorSet set = descriptor_set(binds);
+  begin();
+  vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &prm);
+  vkCmdUpdateBuffer(cmd_, spg_head_.buffer, 0, VkDeviceSize(head.size()) * 4, head.data());
+  barrier_transfer_to_compute();
+  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  auto pool_pass = [&](std::uint32_t which, std::uint32_t blocks, std::uint32_t heads) {
+    vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
+    vkCmdDispatch(cmd_, blocks, heads, B);
+  };
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool);
+  pool_pass(0, nkb, Hkv);  // raw K block sums
+  barrier_compute_to_compute();
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
+  vkCmdDispatch(cmd_, (D + 63) / 64, Hkv, B);
+  barrier_compute_to_compute();
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool);
+  pool_pass(1, nkb, Hkv);  // smoothed K
+  pool_pass(2, nqb, Hq);   // Q
+  barrier_compute_to_compute();
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, select);
+  vkCmdDispatch(cmd_, nqb, Hq, B);
+  submit();
+  return true;
+}
+
+bool VulkanBackend::permute_tokens(const PermuteProblem& pp) {
+  const auto& limits = dev_->properties().limits;
+  if (pp.elem_bytes != 2 || std::uint32_t(pp.tokens) > limits.maxComputeWorkGroupCount[0] ||
+      std::uint32_t(pp.heads) > limits.maxComputeWorkGroupCount[1] ||
+      std::uint32_t(pp.batch) > limits.maxComputeWorkGroupCount[2] || pp.order->size() > std::size_t(INT32_MAX))
+    return false;
+  const int B = pp.batch, H = pp.heads, N = pp.tokens, D = pp.head_dim;
+  if (B == 0 || H == 0 || N == 0 || D == 0) return true;
+  SpgParams prm{};
+  prm.D = D;
+  BindSet binds;
+  binds.fill(BindRange{dummy_.buffer, 0, dummy_.size});
+  binds[0] = {spg_params_.buffer, 0, sizeof(SpgParams)};
+  OperandBinding src = bind_operand(*dev_, pp.src, 2, last_index(pp.src, B, H, N, D), "src");
+  OperandBinding dst = bind_operand(*dev_, pp.dst, 2, last_index(pp.dst, B, H, N, D), "dst");
+  binds[1] = src.range, binds[12] = dst.range;
+  prm.p_off = src.first, prm.p_sb = u32(pp.src.stride_batch, "stride"), prm.p_sh = u32(pp.src.stride_head, "stride");
+  prm.p_st = u32(pp.src.stride_token, "stride");
+  prm.d_off = dst.first, prm.d_sb = u32(pp.dst.stride_batch, "stride"), prm.d_sh = u32(pp.dst.stride_head, "stride");
+  prm.d_st = u32(pp.dst.stride_token, "stride");
+  prm.p_heads = H, prm.p_tokens = N, prm.p_order = static_cast<std::uint32_t>(pp.order->size());
+  // The order as int32, through the staging buffer.
+  const VkDeviceSize order_bytes = std::max<VkDeviceSize>(4, VkDeviceSize(pp.order->size()) * 4);
+  ensure(spg_order_, order_bytes);
+  binds[13] = {spg_order_.buffer, 0, spg_order_.size};
+  ensure(staging_, order_bytes, true);
+  VkPipeline permute = dev_->pipeline("sparge_permute", {});
+  VkDescriptorSet set = descriptor_set(binds);
+  begin();  // waits for earlier work, so the staging buffer is free
+  auto* staged = static_cast<std::int32_t*>(staging_.mapped);
+  for (std::size_t i = 0; i < pp.order->size(); ++i) staged[i] = static_cast<std::int32_t>((*pp.order)[i]);
+  vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &prm);
+  VkBufferCopy region{0, 0, order_bytes};
+  vkCmdCopyBuffer(cmd_, staging_.buffer, spg_order_.buffer, 1, &region);
+  barrier_transfer_to_compute();
+  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, permute);
+  vkCmdDispatch(cmd_, N, H, B);
+  submit();
+  return true;
 }
 
 std::shared_ptr<BackendImpl> make_vulkan_backend(int device) {

@@ -106,6 +106,13 @@ def vulkan_variants(cfg: Config):
     """
     out = [Variant("vulkan", "kmean", "glsl/kmean.comp.j2"),
            Variant("vulkan", "quant", "glsl/quant.comp.j2")]
+    # SpargeAttn stage 1 on the device (docs/SPARGE.md): block pooling of Q / K / smoothed K, the prediction's
+    # K mean, the map and selection per query block row, and the token permutation of the Hilbert order.
+    # Head dim and dtype are runtime values / specialization constants: one module each.
+    out += [Variant("vulkan", "sparge_pool", "glsl/sparge_pool.comp.j2"),
+            Variant("vulkan", "sparge_kmean", "glsl/sparge_kmean.comp.j2"),
+            Variant("vulkan", "sparge_select", "glsl/sparge_select.comp.j2"),
+            Variant("vulkan", "sparge_permute", "glsl/sparge_permute.comp.j2")]
     # Two flavours per (head dim, mask): "idot" = the fast one for GPUs: Q·Kᵀ through the packed 4x8-bit dot
     # product (SPV_KHR_integer_dot_product, emitted with GL_EXT_spirv_intrinsics because glslang 12 lacks
     # GL_EXT_integer_dot_product) and unrolled inner loops; without idot = the portable one: plain integer

@@ -79,6 +79,32 @@ struct AttentionProblem {
   int kv_group() const { return heads_q / heads_kv; }
 };
 
+// SpargeAttn stage 1 on a device (docs/SPARGE.md, "Exact arithmetic": the LUT must equal the host
+// reference's bit for bit). Sizes and operands as in AttentionProblem; block sizes are multiples of the
+// backend's mask granularity; per-head parameters resolved to Hq entries.
+struct SpargePredictProblem {
+  int batch = 0, heads_q = 0, heads_kv = 0, tokens_q = 0, tokens_k = 0, head_dim = 0;
+  Operand q, k;  // fp16 / bf16, canonical [B, H, N, D] strides
+  int block_q = 0, block_k = 0, blocks_q = 0, blocks_k = 0;
+  bool causal = false, sink = false, diagonal = true;
+  float scale_log2 = 0;  // scale·log2(e), rounded once on the host
+  float inv_tokens_k = 0;                  // 1/Nk
+  float inv_block_q = 0, inv_tail_q = 0;   // 1/block_q, 1/(tokens of the last query block)
+  float inv_block_k = 0, inv_tail_k = 0;
+  std::vector<float> simthreshd, cdfthreshd, topk;  // [Hq]
+  std::vector<uint8_t> dense;                       // [Hq]
+  Operand counts, indices;  // outputs: I32 [B, Hq, nQB] and [B, Hq, nQB, nKB] (contiguous)
+};
+
+// dst[b, h, i] = src[b, h, order[i]] for i < order.size(), dst[b, h, i] = src[b, h, i] beyond: token rows of
+// D elements of `elem_bytes` each (canonical strides).
+struct PermuteProblem {
+  int batch = 0, heads = 0, tokens = 0, head_dim = 0;
+  std::size_t elem_bytes = 2;
+  Operand src, dst;
+  const std::vector<int64_t>* order = nullptr;
+};
+
 class BackendImpl {
  public:
   virtual ~BackendImpl() = default;
@@ -103,6 +129,11 @@ class BackendImpl {
   virtual bool supports_pv_skip() const { return false; }
   // Throws Error(NotSupported, "... not supported by the X backend ...") for what it cannot do.
   virtual void attention(const AttentionProblem& problem) = 0;
+
+  // SpargeAttn on the device. Each returns false when this backend (or this problem size) has no device
+  // version; the runtime then does the work on the host.
+  virtual bool sparge_predict(const SpargePredictProblem&) { return false; }
+  virtual bool permute_tokens(const PermuteProblem&) { return false; }
 
   virtual void synchronize() = 0;
   virtual void set_profiling(bool enabled) { profiling_ = enabled; }

@@ -59,11 +59,13 @@ struct SpargeStats {
   double pv_skip_fraction = 0;  // 16-row groups x 64-key tiles whose P·V stage 2 skipped / those visited
   int64_t blocks_valid = 0, blocks_computed = 0;
   int64_t pv_skipped = 0, pv_total = 0;
+  bool predicted_on_device = false;  // stage 1 ran on the device (else on the host; see docs/SPARGE.md)
 };
 
 // out = attention restricted to the predicted blocks, with the stage-2 P·V skip. per_head: Hq entries, or one
 // for every head. On error nothing is written. Every backend runs stage 2 (a finite pvthreshd); stage 1 (the
-// predictor) runs on the host for now, reading q and k back from the device.
+// predictor) runs on the device where the backend has one (Vulkan, CUDA; SPARQ_SPARGE_PREDICTOR=host keeps it
+// on the host), else on the host, reading q and k back from the device; both give the same LUT bit for bit.
 void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                       const SpargeOptions& options, const std::vector<SpargeParams>& per_head,
                       SpargeStats* stats = nullptr);
@@ -172,7 +174,7 @@ std::vector<int64_t> inverse_permutation(const std::vector<int64_t>& order);
 
 // dst token i = src token order[i] for i < order.size(); later tokens are copied unchanged. src, dst:
 // [B, H, N, D] (HND) or [B, N, H, D] (NHD) of the same shape and dtype, in one context, not overlapping.
-// Host-side for now (copies through host memory).
+// On the device where the backend can (16-bit dtypes, contiguous rows), else through host memory.
 void permute_tokens(Context& ctx, const Tensor& src, Tensor& dst, const std::vector<int64_t>& order,
                     Layout layout = Layout::HND);
 

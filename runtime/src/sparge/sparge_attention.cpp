@@ -1,9 +1,12 @@
-// sparge_attention(): validate, (optionally) reorder tokens along a Hilbert curve, predict the block LUT on
-// the host (stage 1), run the sparse kernel with the per-head P·V threshold (stage 2), restore the order.
+// sparge_attention(): validate, (optionally) reorder tokens along a Hilbert curve, predict the block LUT (stage 1:
+// on the device where the backend has a predictor, else on the host), run the sparse kernel with the per-head
+// P·V threshold (stage 2), restore the order.
 #include "sparge_internal.hpp"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 namespace sparq {
@@ -54,6 +57,69 @@ BlockMask upload_lut(Context& ctx, const Lut& lut, const SpargeOptions& options)
   return BlockMask::from_lut(counts, indices, options.block_q, options.block_k);
 }
 
+// SPARQ_SPARGE_PREDICTOR=host keeps stage 1 on the host even where the backend has a device predictor
+// (for comparisons and benchmarks).
+bool host_predictor_forced() {
+  const char* e = std::getenv("SPARQ_SPARGE_PREDICTOR");
+  return e && std::strcmp(e, "host") == 0;
+}
+
+detail::Operand contiguous_operand(const Tensor& t) {
+  detail::Operand op;
+  op.storage = t.storage();
+  op.offset_bytes = t.offset_bytes();
+  op.dtype = t.dtype();
+  return op;
+}
+
+// Stage 1 on the device when the context's backend has a predictor (the LUT never leaves the device);
+// nullopt otherwise. `p`: the validated problem of q and k. lut receives the geometry and the block counts
+// (the computed count only when `count_computed`, which downloads the counts).
+std::optional<BlockMask> predict_on_device(Context& ctx, const detail::AttentionProblem& p, const SpargeOptions& options,
+                                           const std::vector<SpargeParams>& params, bool count_computed, Lut& lut) {
+  if (host_predictor_forced()) return std::nullopt;
+  Geometry g;
+  g.tokens_q = p.tokens_q;
+  g.tokens_k = p.tokens_k;
+  g.block_q = options.block_q;
+  g.block_k = options.block_k;
+  g.causal = options.attention.causal;
+  detail::SpargePredictProblem sp;
+  sp.batch = p.batch, sp.heads_q = p.heads_q, sp.heads_kv = p.heads_kv;
+  sp.tokens_q = p.tokens_q, sp.tokens_k = p.tokens_k, sp.head_dim = p.head_dim;
+  sp.q = p.q, sp.k = p.k;
+  sp.block_q = g.block_q, sp.block_k = g.block_k, sp.blocks_q = g.blocks_q(), sp.blocks_k = g.blocks_k();
+  sp.causal = g.causal, sp.sink = options.attention_sink, sp.diagonal = options.diagonal;
+  sp.scale_log2 = scale_log2(p.scale);
+  sp.inv_tokens_k = reciprocal(p.tokens_k);
+  sp.inv_block_q = reciprocal(g.block_q);
+  sp.inv_tail_q = reciprocal(p.tokens_q - (sp.blocks_q - 1) * g.block_q);
+  sp.inv_block_k = reciprocal(g.block_k);
+  sp.inv_tail_k = reciprocal(p.tokens_k - (sp.blocks_k - 1) * g.block_k);
+  for (const SpargeParams& h : params) {
+    sp.simthreshd.push_back(h.simthreshd);
+    sp.cdfthreshd.push_back(h.cdfthreshd);
+    sp.topk.push_back(h.topk);
+    sp.dense.push_back(h.dense ? 1 : 0);
+  }
+  Tensor counts = ctx.empty(DType::I32, {p.batch, p.heads_q, sp.blocks_q});
+  Tensor indices = ctx.empty(DType::I32, {p.batch, p.heads_q, sp.blocks_q, sp.blocks_k});
+  sp.counts = contiguous_operand(counts);
+  sp.indices = contiguous_operand(indices);
+  if (p.batch == 0 || p.heads_q == 0 || sp.blocks_q == 0 || sp.blocks_k == 0 || !ctx.impl().sparge_predict(sp))
+    return std::nullopt;
+  lut.batch = p.batch, lut.heads = p.heads_q, lut.nqb = sp.blocks_q, lut.nkb = sp.blocks_k;
+  lut.valid = static_cast<int64_t>(p.batch) * p.heads_q * valid_blocks(g);
+  lut.computed = 0;
+  lut.on_device = true;
+  if (count_computed) {
+    std::vector<int32_t> c(static_cast<std::size_t>(counts.numel()));
+    ctx.to_host(counts, c.data());
+    for (int32_t n : c) lut.computed += n;
+  }
+  return BlockMask::from_lut(counts, indices, options.block_q, options.block_k);
+}
+
 }  // namespace
 }  // namespace sparge
 
@@ -66,16 +132,22 @@ BlockMask predict_block_mask(Context& ctx, const Tensor& q, const Tensor& k, con
   Tensor scratch = ctx.empty(q.dtype() == DType::BF16 ? DType::BF16 : DType::F16, q.shape());
   detail::AttentionProblem p = detail::make_problem(ctx, q, k, k, scratch, options.attention, nullptr, nullptr);
   std::vector<SpargeParams> params = sparge::resolve_params(per_head, p.heads_q, what);
-  sparge::HostTensor hq = sparge::download(ctx, q, options.attention.layout);
-  sparge::HostTensor hk = sparge::download(ctx, k, options.attention.layout);
-  sparge::Lut lut = sparge::predict_lut(hq, hk, options, p.scale, params);
+  sparge::Lut lut;
+  std::optional<BlockMask> mask = sparge::predict_on_device(ctx, p, options, params, stats != nullptr, lut);
+  if (!mask) {
+    sparge::HostTensor hq = sparge::download(ctx, q, options.attention.layout);
+    sparge::HostTensor hk = sparge::download(ctx, k, options.attention.layout);
+    lut = sparge::predict_lut(hq, hk, options, p.scale, params);
+    mask = sparge::upload_lut(ctx, lut, options);
+  }
   if (stats) {
     *stats = SpargeStats{};
     stats->blocks_valid = lut.valid;
     stats->blocks_computed = lut.computed;
     stats->block_sparsity = lut.valid ? 1.0 - static_cast<double>(lut.computed) / static_cast<double>(lut.valid) : 0.0;
+    stats->predicted_on_device = lut.on_device;
   }
-  return sparge::upload_lut(ctx, lut, options);
+  return *mask;
 }
 
 void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
@@ -140,10 +212,15 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
     lut.valid = static_cast<int64_t>(p.batch) * p.heads_q * sparge::valid_blocks(g);
     lut.computed = lut.valid;
   } else {
-    sparge::HostTensor hq = sparge::download(ctx, qp, layout);
-    sparge::HostTensor hk = sparge::download(ctx, kp, layout);
-    lut = sparge::predict_lut(hq, hk, options, p.scale, params);
-    mask = sparge::upload_lut(ctx, lut, options);
+    detail::AttentionProblem pp = p;
+    if (permute) pp = detail::make_problem(ctx, qp, kp, vp, outp, options.attention, nullptr, nullptr);
+    mask = sparge::predict_on_device(ctx, pp, options, params, stats != nullptr, lut);
+    if (!mask) {
+      sparge::HostTensor hq = sparge::download(ctx, qp, layout);
+      sparge::HostTensor hk = sparge::download(ctx, kp, layout);
+      lut = sparge::predict_lut(hq, hk, options, p.scale, params);
+      mask = sparge::upload_lut(ctx, lut, options);
+    }
   }
 
   detail::AttentionProblem::Stats backend_stats;
@@ -156,6 +233,7 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
     stats->blocks_valid = lut.valid;
     stats->blocks_computed = lut.computed;
     stats->block_sparsity = lut.valid ? 1.0 - static_cast<double>(lut.computed) / static_cast<double>(lut.valid) : 0.0;
+    stats->predicted_on_device = lut.on_device;
     stats->pv_skipped = backend_stats.pv_skipped;
     stats->pv_total = backend_stats.pv_total;
     stats->pv_skip_fraction =

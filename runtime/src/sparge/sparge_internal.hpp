@@ -94,6 +94,7 @@ struct Lut {
   int batch = 0, heads = 0, nqb = 0, nkb = 0;
   std::vector<int32_t> counts, indices;
   int64_t valid = 0, computed = 0;  // (query block, key block) pairs
+  bool on_device = false;           // predicted by the backend's device predictor
 };
 // q: [B, Hq, Nq, D], k: [B, Hkv, Nk, D] on the host; per_head resolved to Hq entries.
 Lut predict_lut(const HostTensor& q, const HostTensor& k, const SpargeOptions& options, float scale,

@@ -1,0 +1,98 @@
+// Shared by the SpargeAttn stage-1 kernels (sparge_*.comp.j2): their parameter block and buffers (struct
+// SpgParams in backends/vulkan/vulkan_backend.cpp: keep both in the same order) and the exact fp32 arithmetic
+// of docs/SPARGE.md ("Exact arithmetic"), the same as runtime/src/sparge/predictor_fp32.hpp: every add, sub
+// and mul is `precise` (never contracted) and flushed to a signed zero when subnormal; no division, no library
+// sqrt or exp; sums in the TreeSum order.
+#extension GL_EXT_shader_explicit_arithmetic_types_int16 : require
+#extension GL_EXT_shader_16bit_storage : require
+#extension GL_EXT_control_flow_attributes : enable
+
+layout(std140, set = 0, binding = 0) uniform SpgParamsBlock {
+  uint B, Hq, Hkv, Nq, Nk, D, group_size;
+  uint q_off, q_sb, q_sh, q_st;
+  uint k_off, k_sb, k_sh, k_st;
+  uint bq, bk, nqb, nkb;
+  uint causal, sink, diagonal;
+  float scale_log2, inv_nk, inv_bq, inv_tail_q, inv_bk, inv_tail_k;
+  uint counts_off, indices_off;
+  uint p_off, p_sb, p_sh, p_st, d_off, d_sb, d_sh, d_st, p_heads, p_tokens, p_order;  // permutation
+} S;
+
+layout(std430, set = 0, binding = 1) readonly buffer SpgQ { uint16_t q_in[]; };
+layout(std430, set = 0, binding = 2) readonly buffer SpgK { uint16_t k_in[]; };
+layout(std430, set = 0, binding = 3) buffer SpgKSum { float k_sum[]; };      // [B, Hkv, nKB, D] raw K block sums
+layout(std430, set = 0, binding = 4) buffer SpgKm { float k_mu[]; };         // [B, Hkv, D] the prediction's K mean
+layout(std430, set = 0, binding = 5) buffer SpgKMean { float k_bmean[]; };   // [B, Hkv, nKB, D] smoothed K block means
+layout(std430, set = 0, binding = 6) buffer SpgKSim { float k_bsim[]; };     // [B, Hkv, nKB]
+layout(std430, set = 0, binding = 7) buffer SpgQMean { float q_bmean[]; };   // [B, Hq, nQB, D]
+layout(std430, set = 0, binding = 8) buffer SpgQSim { float q_bsim[]; };     // [B, Hq, nQB]
+layout(std430, set = 0, binding = 9) readonly buffer SpgHead { float head_params[]; };  // [Hq][4]: θ, τ, topk, dense
+layout(std430, set = 0, binding = 10) buffer SpgCounts { int lut_counts[]; };
+layout(std430, set = 0, binding = 11) buffer SpgIndices { int lut_indices[]; };
+layout(std430, set = 0, binding = 12) buffer SpgDst { uint16_t perm_dst[]; };
+layout(std430, set = 0, binding = 13) readonly buffer SpgOrder { int perm_order[]; };
+
+float load_f32(uint bits, bool bf16) { return bf16 ? uintBitsToFloat(bits << 16) : unpackHalf2x16(bits).x; }
+
+// Subnormal -> zero of the same sign, in integers (cannot be folded or flushed differently).
+float f_ftz(float x) {
+  uint u = floatBitsToUint(x);
+  return (u & 0x7F800000u) == 0u ? uintBitsToFloat(u & 0x80000000u) : x;
+}
+float f_add(float a, float b) { precise float r = a + b; return f_ftz(r); }
+float f_sub(float a, float b) { precise float r = a - b; return f_ftz(r); }
+float f_mul(float a, float b) { precise float r = a * b; return f_ftz(r); }
+
+// 1/sqrt(x), x positive, normal and finite: integer first guess, three Newton steps.
+float f_rsqrt(float x) {
+  float y = uintBitsToFloat(0x5f3759dfu - (floatBitsToUint(x) >> 1));
+  for (int i = 0; i < 3; ++i) {
+    float t = f_mul(f_mul(x, y), y);
+    y = f_mul(y, f_sub(1.5, f_mul(0.5, t)));
+  }
+  return y;
+}
+
+// 2^x for x <= 0: degree-7 Taylor polynomial of 2^f (coefficients as bits) times 2^floor(x) from bits.
+float f_exp2_neg(float x) {
+  if (!(x >= -126.0)) return 0.0;
+  float n = floor(x);
+  float f = f_sub(x, n);
+  const uint coeff[8] = uint[8](0x3f800000u, 0x3f317218u, 0x3e75fdf0u, 0x3d635847u,
+                                0x3c1d955bu, 0x3aaec3ffu, 0x39218489u, 0x377fe5feu);
+  float p = uintBitsToFloat(coeff[7]);
+  for (int k = 6; k >= 0; --k) p = f_add(f_mul(p, f), uintBitsToFloat(coeff[k]));
+  int e = int(n);
+  return f_mul(p, uintBitsToFloat(uint(e + 127) << 23));
+}
+
+// TreeSum (predictor_fp32.hpp): a binary counter of partial sums; TREE_LEVELS levels hold 2^TREE_LEVELS - 1
+// values (enough for any block and any number of blocks of a sequence the backend accepts).
+#define TREE_LEVELS 24
+struct Tree {
+  float level[TREE_LEVELS];
+  uint count;
+};
+void tree_reset(inout Tree t) { t.count = 0u; }
+void tree_push(inout Tree t, float v) {
+  uint c = t.count;
+  uint k = 0u;
+  while ((c & 1u) != 0u) {
+    v = f_add(t.level[k], v);
+    c >>= 1u;
+    ++k;
+  }
+  t.level[k] = v;
+  t.count += 1u;
+}
+float tree_total(Tree t) {
+  float acc = 0.0;
+  bool have = false;
+  for (uint k = 0u; k < uint(TREE_LEVELS); ++k) {
+    if (((t.count >> k) & 1u) != 0u) {
+      acc = have ? f_add(t.level[k], acc) : t.level[k];
+      have = true;
+    }
+  }
+  return acc;
+}
