@@ -7,10 +7,12 @@
 #include <cstdlib>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "backend.hpp"
 #include "cuda_registry.hpp"
 #include "preprocess.hpp"
+#include "sparge_predictor.hpp"
 
 namespace sparq::detail {
 namespace {
@@ -99,6 +101,7 @@ class CudaBackend final : public BackendImpl {
     cudaGetDevice(&previous);
     cudaSetDevice(device_);
     if (workspace_) cudaFree(workspace_);
+    if (sparge_ws_) cudaFree(sparge_ws_);
     for (cudaEvent_t e : events_)
       if (e) cudaEventDestroy(e);
     cudaSetDevice(previous);
@@ -179,6 +182,8 @@ class CudaBackend final : public BackendImpl {
   }
 
   void attention(const AttentionProblem& p) override;
+  bool sparge_predict(const SpargePredictProblem& sp) override;
+  bool permute_tokens(const PermuteProblem& pp) override;
 
  private:
   static void* device_pointer(const Storage& s) {
@@ -205,6 +210,9 @@ class CudaBackend final : public BackendImpl {
   }
   const cuda::AttentionKernel& choose_kernel(const AttentionProblem& p) const;
   void reserve_workspace(std::size_t bytes);
+  // Grow-only device memory of the SpargeAttn kernels (separate from the attention workspace, which a later
+  // attention() call may reallocate while the LUT it consumes stays in caller-visible tensors).
+  void* reserve_sparge(std::size_t bytes);
 
   int device_ = 0;
   int arch_ = 0;
@@ -214,6 +222,8 @@ class CudaBackend final : public BackendImpl {
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
   cudaEvent_t events_[3] = {nullptr, nullptr, nullptr};
+  void* sparge_ws_ = nullptr;
+  std::size_t sparge_ws_bytes_ = 0;
 };
 
 const cuda::AttentionKernel& CudaBackend::choose_kernel(const AttentionProblem& p) const {
@@ -256,6 +266,96 @@ void CudaBackend::reserve_workspace(std::size_t bytes) {
     cuda_fail(e, "cudaMalloc of the " + std::to_string(grown) + "-byte workspace");
   }
   workspace_bytes_ = grown;
+}
+
+void* CudaBackend::reserve_sparge(std::size_t bytes) {
+  if (bytes > sparge_ws_bytes_) {
+    if (sparge_ws_) check(cudaFree(sparge_ws_), "cudaFree (SpargeAttn workspace)");
+    sparge_ws_ = nullptr;
+    sparge_ws_bytes_ = 0;
+    const cudaError_t e = cudaMalloc(&sparge_ws_, bytes);
+    if (e != cudaSuccess) cuda_fail(e, "cudaMalloc of the " + std::to_string(bytes) + "-byte SpargeAttn workspace");
+    sparge_ws_bytes_ = bytes;
+  }
+  return sparge_ws_;
+}
+
+bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
+  if (!cuda::sparge_supported(sp.head_dim, sp.blocks_k, sp.block_q, sp.block_k) || sp.heads_q > 65535 ||
+      sp.batch > 65535)
+    return false;
+  DeviceGuard guard(device_);
+  cuda::SpargePredictParams c;
+  auto view = [](const Operand& op) {
+    cuda::SpargeView v;
+    v.data = operand_pointer(op);
+    v.stride_b = op.stride_batch;
+    v.stride_h = op.stride_head;
+    v.stride_t = op.stride_token;
+    return v;
+  };
+  c.q = view(sp.q);
+  c.k = view(sp.k);
+  c.in_bf16 = sp.q.dtype == DType::BF16;
+  c.batch = sp.batch, c.heads_q = sp.heads_q, c.heads_kv = sp.heads_kv;
+  c.tokens_q = sp.tokens_q, c.tokens_k = sp.tokens_k, c.head_dim = sp.head_dim;
+  c.block_q = sp.block_q, c.block_k = sp.block_k, c.blocks_q = sp.blocks_q, c.blocks_k = sp.blocks_k;
+  c.causal = sp.causal, c.sink = sp.sink, c.diagonal = sp.diagonal;
+  c.scale_log2 = sp.scale_log2, c.inv_tokens_k = sp.inv_tokens_k;
+  c.inv_block_q = sp.inv_block_q, c.inv_tail_q = sp.inv_tail_q, c.inv_block_k = sp.inv_block_k, c.inv_tail_k = sp.inv_tail_k;
+  c.counts = reinterpret_cast<int32_t*>(const_cast<char*>(operand_pointer(sp.counts)));
+  c.indices = reinterpret_cast<int32_t*>(const_cast<char*>(operand_pointer(sp.indices)));
+  const std::size_t head_bytes = std::size_t(sp.heads_q) * 4 * sizeof(float);
+  const std::size_t head_at = (cuda::sparge_workspace_bytes(c) + 255) / 256 * 256;
+  char* ws = static_cast<char*>(reserve_sparge(head_at + head_bytes));
+  c.workspace = ws;
+  c.head = reinterpret_cast<const float*>(ws + head_at);
+  std::vector<float> head(std::size_t(sp.heads_q) * 4);
+  for (int h = 0; h < sp.heads_q; ++h) {
+    head[std::size_t(h) * 4 + 0] = sp.simthreshd[std::size_t(h)];
+    head[std::size_t(h) * 4 + 1] = sp.cdfthreshd[std::size_t(h)];
+    head[std::size_t(h) * 4 + 2] = sp.topk[std::size_t(h)];
+    head[std::size_t(h) * 4 + 3] = sp.dense[std::size_t(h)] ? 1.0f : 0.0f;
+  }
+  check(cudaMemcpyAsync(ws + head_at, head.data(), head_bytes, cudaMemcpyHostToDevice, stream_),
+        "cudaMemcpyAsync (SpargeAttn head parameters)");
+  if (profiling_) check(cudaEventRecord(events_[0], stream_), "cudaEventRecord");
+  if (const int e = cuda::launch_sparge_predict(c, stream_); e != 0)
+    cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn predictor");
+  if (profiling_) {
+    check(cudaEventRecord(events_[2], stream_), "cudaEventRecord");
+    check(cudaEventSynchronize(events_[2]), "cudaEventSynchronize (the predictor failed)");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, events_[0], events_[2]), "cudaEventElapsedTime");
+    timing_.total_ms = ms;
+    timing_.attention_ms = 0;
+  }
+  // The head parameters' host copy must outlive the copy: pageable memcpyAsync has staged it on return.
+  return true;
+}
+
+bool CudaBackend::permute_tokens(const PermuteProblem& pp) {
+  if (pp.elem_bytes != 2 || pp.heads > 65535 || pp.batch > 65535) return false;
+  DeviceGuard guard(device_);
+  const std::size_t n = pp.order->size();
+  std::vector<int32_t> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>((*pp.order)[i]);
+  char* ws = static_cast<char*>(reserve_sparge(std::max<std::size_t>(n, 1) * sizeof(int32_t)));
+  if (n) check(cudaMemcpyAsync(ws, order.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpyAsync (token order)");
+  cuda::PermuteParams c;
+  c.src.data = operand_pointer(pp.src);
+  c.src.stride_b = pp.src.stride_batch, c.src.stride_h = pp.src.stride_head, c.src.stride_t = pp.src.stride_token;
+  c.dst = const_cast<char*>(operand_pointer(pp.dst));
+  c.dst_stride_b = pp.dst.stride_batch, c.dst_stride_h = pp.dst.stride_head, c.dst_stride_t = pp.dst.stride_token;
+  c.batch = pp.batch, c.heads = pp.heads, c.tokens = pp.tokens, c.head_dim = pp.head_dim;
+  c.order = reinterpret_cast<const int32_t*>(ws);
+  c.order_size = static_cast<int>(n);
+  if (const int e = cuda::launch_permute(c, stream_); e != 0)
+    cuda_fail(static_cast<cudaError_t>(e), "launching the token permutation");
+  // The order lives in the SpargeAttn workspace, which the next call may reuse: finish here.
+  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (token permutation)");
+  return true;
 }
 
 void CudaBackend::attention(const AttentionProblem& p) {

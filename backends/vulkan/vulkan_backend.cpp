@@ -111,6 +111,8 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   // Recorded into cmd_: transfer writes -> shader reads/writes; shader writes -> later shader reads/writes.
   void barrier_transfer_to_compute();
   void barrier_compute_to_compute();
+  // Milliseconds between two timestamps of queries_.
+  double device_ms(std::uint64_t from, std::uint64_t to) const;
 
   std::shared_ptr<Device> dev_;
   VkDevice vk_ = VK_NULL_HANDLE;
@@ -229,6 +231,12 @@ void VulkanBackend::release(Buffer& buffer) {
   }
   reset_descriptors();
   dev_->destroy_buffer(buffer);
+}
+
+double VulkanBackend::device_ms(std::uint64_t from, std::uint64_t to) const {
+  const std::uint32_t bits = dev_->timestamp_valid_bits();
+  const std::uint64_t mask = bits >= 64 ? ~std::uint64_t(0) : ((std::uint64_t(1) << bits) - 1);
+  return double((to - from) & mask) * dev_->properties().limits.timestampPeriod * 1e-6;
 }
 
 void VulkanBackend::barrier_transfer_to_compute() {
@@ -621,11 +629,8 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     check(vkGetQueryPoolResults(vk_, queries_, 0, 3, sizeof(ts), ts, sizeof(std::uint64_t),
                                 VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT),
           "vkGetQueryPoolResults");
-    std::uint32_t bits = dev_->timestamp_valid_bits();
-    std::uint64_t mask = bits >= 64 ? ~std::uint64_t(0) : ((std::uint64_t(1) << bits) - 1);
-    double period_ms = dev_->properties().limits.timestampPeriod * 1e-6;
-    timing_.total_ms = double((ts[2] - ts[0]) & mask) * period_ms;
-    timing_.attention_ms = double((ts[2] - ts[1]) & mask) * period_ms;
+    timing_.total_ms = device_ms(ts[0], ts[2]);
+    timing_.attention_ms = device_ms(ts[1], ts[2]);
   }
 }
 
@@ -702,6 +707,12 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &prm);
   vkCmdUpdateBuffer(cmd_, spg_head_.buffer, 0, VkDeviceSize(head.size()) * 4, head.data());
   barrier_transfer_to_compute();
+  const bool timed = profiling_ && queries_;
+  if (timed) {
+    vkCmdResetQueryPool(cmd_, queries_, 0, 3);
+    vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 0);
+    vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 1);  // unused; every query is read
+  }
   vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
   auto pool_pass = [&](std::uint32_t which, std::uint32_t blocks, std::uint32_t heads) {
     vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
@@ -719,7 +730,17 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   barrier_compute_to_compute();
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, select);
   vkCmdDispatch(cmd_, nqb, Hq, B);
+  if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 2);
   submit();
+  if (timed) {
+    wait();
+    std::uint64_t ts[3] = {};
+    check(vkGetQueryPoolResults(vk_, queries_, 0, 3, sizeof(ts), ts, sizeof(std::uint64_t),
+                                VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT),
+          "vkGetQueryPoolResults");
+    timing_.total_ms = device_ms(ts[0], ts[2]);
+    timing_.attention_ms = 0;
+  }
   return true;
 }
 
