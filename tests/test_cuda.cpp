@@ -336,15 +336,15 @@ TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
   } catch (const Error& e) {
     CHECK(e.status() == Status::InvalidArgument);
   }
-  // The sm90a path has two kernels (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_OVERLAP, read per launch.
-  const char* previous_overlap = std::getenv("SPARQ_SM90_OVERLAP");
-  const std::string saved_overlap = previous_overlap ? previous_overlap : "";
+  // The sm90a path has four kernel choices (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_KERNEL, read per launch.
+  const char* previous_kernel = std::getenv("SPARQ_SM90_KERNEL");
+  const std::string saved_kernel = previous_kernel ? previous_kernel : "";
   for (const char* path : {"sm80", "sm89", "sm90a"}) {
     setenv("SPARQ_CUDA_PATH", path, 1);
     Context ctx = Context::create(Backend::Cuda);
-    for (const char* overlap : {"0", "1"}) {
-      if (std::string(path) != "sm90a" && std::string(overlap) == "1") continue;
-      setenv("SPARQ_SM90_OVERLAP", overlap, 1);
+    for (const char* kernel : {"serial", "ws", "ws-free", "ws2"}) {
+      if (std::string(path) != "sm90a" && std::string(kernel) != "serial") continue;
+      setenv("SPARQ_SM90_KERNEL", kernel, 1);
       for (PVPrecision pv : {PVPrecision::Fp16, PVPrecision::Fp8})
         for (bool causal : {false, true})
           for (int d : {64, 128}) {
@@ -356,7 +356,7 @@ TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
             c.Nk = 333;
             c.Hq = 4;
             c.Hkv = 2;
-            INFO("SPARQ_CUDA_PATH=" << path << " SPARQ_SM90_OVERLAP=" << overlap);
+            INFO("SPARQ_CUDA_PATH=" << path << " SPARQ_SM90_KERNEL=" << kernel);
             try {
               check_case(ctx, c);
             } catch (const Error& e) {
@@ -368,8 +368,8 @@ TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
   }
   if (previous) setenv("SPARQ_CUDA_PATH", saved.c_str(), 1);
   else unsetenv("SPARQ_CUDA_PATH");
-  if (previous_overlap) setenv("SPARQ_SM90_OVERLAP", saved_overlap.c_str(), 1);
-  else unsetenv("SPARQ_SM90_OVERLAP");
+  if (previous_kernel) setenv("SPARQ_SM90_KERNEL", saved_kernel.c_str(), 1);
+  else unsetenv("SPARQ_SM90_KERNEL");
 #endif
 }
 

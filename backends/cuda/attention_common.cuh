@@ -255,9 +255,10 @@ __device__ __forceinline__ void tile_row_max(const float (&s)[8][4], float (&til
 // SpargeAttn stage 2: whether the warp (one 16-row group) skips exp, row sum and P·V of this tile, which it does
 // when every row that sees a key of it has its tile max more than λ below its running max. Counts the tiles the
 // warp visits and skips.
+template <typename Count>
 __device__ __forceinline__ bool stage2_skips_tile(const float (&tile_max)[2], const float (&row_max)[2],
                                                   float pv_lambda, int warp_row0, int g, int tokens_q,
-                                                  unsigned long long& pv_skipped, unsigned long long& pv_total) {
+                                                  Count& pv_skipped, Count& pv_total) {
   bool active = false, needed = false;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {

@@ -1,35 +1,36 @@
-// The quantized attention kernel of the sm90a path (wgmma), instantiated by the generated
-// templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only).
+// The quantized attention kernels of the sm90a path (wgmma + TMA), instantiated by the generated
+// templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only). Two kernels share the
+// per-warp numerics of the mma.sync kernel (attention_common.cuh, docs/NUMERICS.md) and its tile (64 keys):
 //
-// One CTA = one warpgroup (4 warps, 128 threads) computes BLOCK_Q = 64 query rows of one (batch, query head),
-// the same tile, mask granularity and numerics (docs/NUMERICS.md) as the mma.sync kernel (attention_kernel.cuh),
-// whose shared-memory tiles, tile walker and per-warp helpers (attention_common.cuh) it reuses. Q (INT8) is
-// loaded once into shared memory; K (INT8, [key][channel]) and the transposed e4m3 V ([channel][key], keys
-// permuted inside 32-key chunks) tiles
-// of BLOCK_K = 64 keys stream through a cp.async ring. Their SwizzledTile layouts are the wgmma 128B (128-byte
-// rows) and 64B (64-byte rows) swizzles, so both operands are read by descriptor (wgmma.cuh).
-// Per key tile: S = Q8·K8ᵀ as wgmma m64n64k32 s8·s8 -> s32 (D/32 steps, both operands in shared memory) ->
-// dequantized base-2 logits -> online softmax (per warp, as in attention_kernel.cuh) -> P·448 as e4m3 in
-// registers (the wgmma A fragment equals the mma.sync one) -> per-tile P·V with wgmma m64nDk32 e4m3 (A from
-// registers, Vᵀ from shared memory) -> O = O·alpha + tile (two-level accumulation, as on the sm89 path).
-// Several CTAs share an SM, so one CTA's softmax overlaps another's wgmma.
-// The stage-2 P·V skip is decided per 16-row warp as on the other paths (a skipping warp feeds P = 0 to the
-// warpgroup MMA, which is skipped when all four skip). Not here: FP16/BF16 P·V (the host takes the sm89
-// kernels for it).
+// attention_sm90_kernel ("serial", the default): one CTA = one warpgroup (4 warps) computes BLOCK_Q = 64 query
+// rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64). Thread 0 streams Q once and the K
+// (INT8, [key][channel]) and transposed e4m3 V ([channel][key], keys permuted inside 32-key chunks) tiles of
+// 64 keys with bulk tensor copies (TMA) into a ring of stages, each completing on its mbarrier. The TMA writes
+// the wgmma 128B (128-byte rows) and 64B (64-byte rows) swizzles (SwizzledTile), so both operands are read by
+// descriptor (wgmma.cuh). Per key tile: S = Q8·K8ᵀ as wgmma m64n64k32 s8·s8 -> s32 (D/32 steps, both operands
+// in shared memory) -> base-2 logits -> online softmax (per warp) -> P·448 as e4m3 in registers (the wgmma A
+// fragment equals the mma.sync one) -> per-tile P·V with wgmma m64nDk32 e4m3 (A from registers, Vᵀ from shared
+// memory) -> O = O·alpha + tile (two-level accumulation, as on the sm89 path). The other CTAs of the SM fill the
+// tensor cores while one runs its softmax.
+//
+// attention_sm90_ws_kernel ("ws"): warp-specialized, a producer warpgroup and 2 or 3 pipelined consumer
+// warpgroups (its comment below). Correct and tested, but slower than the kernel above on the H100 (bench/
+// RESULTS.md says by how much and why), so it runs only when SPARQ_SM90_KERNEL asks for it.
+//
+// The stage-2 P·V skip is decided per 16-row warp as on the other paths. Not here: FP16/BF16 P·V (the host
+// takes the sm89 kernels for it).
 #pragma once
 
 #include "attention_kernel.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
+#include <cudaTypedefs.h>
+
 #include <cstdlib>
+#include <string_view>
 
 namespace sparq::cuda {
-
-// Which of the two kernels below runs when SPARQ_SM90_OVERLAP is unset: the serial one. H100, B=4 H=32
-// N=16K dense, kernel TOPS serial -> overlap: D128 599 -> 530 (3 CTAs of 168 registers per SM against 2 of
-// 255), D64 421 -> 373 (4 CTAs of 127 registers against 3 of 168): more resident warpgroups hide the serial
-// kernel's MMA latency better than the overlap does with fewer of them.
-constexpr bool kSm90OverlapDefault = false;
 
 template <int D>
 struct Sm90Config {
@@ -40,7 +41,8 @@ struct Sm90Config {
   using QTile = SwizzledTile<kBlockQ, D>;
   static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;  // a multiple of 1024
   static constexpr int kStages = D <= 64 ? 4 : 3;
-  static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + 1024;  // + alignment slack
+  static constexpr int kBarrierBytes = 8 * (kStages + 1);  // full[stage], Q
+  static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + kBarrierBytes + 1024;  // + alignment
   static constexpr int kMinBlocks = D <= 64 ? 4 : 3;
   static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 };
@@ -51,9 +53,34 @@ struct Sm90Log2Lse {
   __device__ __forceinline__ float operator()(float m, float l) const { return m + __log2f(l) - kLog2Of448; }
 };
 
+// Whether key tile key0 has elements past the sequence end or (causal) past the diagonal of a row of this warp.
+__device__ __forceinline__ bool tile_needs_mask(const AttentionParams& p, int key0, int warp_row0, int causal_offset) {
+  return key0 + kBlockK > p.tokens_k || (p.causal && key0 + kBlockK - 1 > warp_row0 + causal_offset);
+}
+
+// tile_row_max from the s32 accumulator: per row the largest even- and odd-column integer (their K scales differ
+// with per-thread groups), dequantized once. max(a)·s = max(a·s) for s >= 0 (rounding is monotonic), so this is
+// the max of the dequantized logits bit for bit.
+__device__ __forceinline__ void tile_row_max_s32(const int (&acc)[8][4], float qk_scale0, float qk_scale1,
+                                                 float (&tile_max)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int even = acc[0][2 * h], odd = acc[0][2 * h + 1];
+#pragma unroll
+    for (int n = 1; n < 8; ++n) {
+      even = max(even, acc[n][2 * h]);
+      odd = max(odd, acc[n][2 * h + 1]);
+    }
+    float mx = fmaxf(exact_int_to_float(even) * qk_scale0, exact_int_to_float(odd) * qk_scale1);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    tile_max[h] = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  }
+}
+
 template <int D, bool Stage2>
 __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBlocks)
-    attention_sm90_kernel(const AttentionParams p) {
+    attention_sm90_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
+                          const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = Sm90Config<D>;
   constexpr int kBlockQ = Cfg::kBlockQ;
@@ -73,20 +100,41 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
   // ---- which key tiles this CTA visits ----------------------------------------------------------------------
   const TileList tiles = setup_tile_list<kBlockQ>(p, b, hq, q0, causal_offset);
   TileCursor walker = TileCursor::first(tiles);
-  TileCursor loader = walker;
+  TileCursor loader = walker;  // thread 0's, kStages - 1 tiles ahead
 
   const KvSources<D, true> kv(p, b, hkv);
   // The swizzle is a function of the address bits: tiles start at 1024-byte aligned addresses.
   const uint32_t smem_base = (smem_address(smem) + 1023u) & ~1023u;
-
-  auto load_tile = [&](int tile, int stage) {
-    load_kv_tile<Cfg, D, true>(p, smem_base + stage * Cfg::kStageBytes, tile, kv.k8, kv.v8t, nullptr);
-  };
-
   const uint32_t q_smem = smem_base + kStages * Cfg::kStageBytes;
-  start_pipeline<QTile, Cfg::kThreads, D, kStages>(p, b, hq, q0, q_smem, tiles, loader, load_tile);
+  const uint32_t bars = q_smem + QTile::kBytes;  // full[stage] at bars + 8·stage, Q's at bars + 8·kStages
+  const uint32_t q_bar = bars + 8u * kStages;
+  const int kv_row = b * p.heads_kv + hkv;
+
+  // Thread 0 issues the bulk tensor copies (TMA): the copy engine writes the swizzled tiles and counts their
+  // bytes on the stage's mbarrier, so the warps spend no instructions on loads.
+  auto load_tile = [&](int tile, int stage) {
+    const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
+    mbarrier_arrive_expect_tx(bars + 8u * stage, Cfg::kStageBytes);
+    tma_load_3d(k_dst, &k_map, bars + 8u * stage, 0, tile * kBlockK, kv_row);
+    tma_load_3d(k_dst + KTile::kBytes, &v_map, bars + 8u * stage, tile * kBlockK, 0, kv_row);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s <= kStages; ++s) mbarrier_init(bars + 8u * s, 1);
+    fence_mbarrier_init();
+    mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
+    tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (loader.tile >= 0) {
+        load_tile(loader.tile, s);
+        loader.next(tiles);
+      }
+    }
+  }
+  __syncthreads();  // the barriers are initialized
 
   const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, tiles.limit);
+  mbarrier_wait(q_bar, 0);
 
   const uint64_t q_desc = smem_descriptor<D>(q_smem);
   float o[kDTiles][4];
@@ -99,18 +147,16 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
   unsigned long long pv_skipped = 0, pv_total = 0;  // stage-2 statistics of this warp
 
   for (int it = 0; walker.tile >= 0; ++it) {
-    cp_async_wait<kStages - 2>();
-    fence_proxy_async_shared();
-    __syncthreads();  // the tile is in shared memory; every wgmma of the previous iteration has completed
-    if (loader.tile >= 0) {
+    const int stage = it % kStages;
+    mbarrier_wait(bars + 8u * stage, (it / kStages) & 1);  // the tile is in shared memory
+    __syncthreads();  // every wgmma of the previous iteration has completed: its stage is free
+    if (threadIdx.x == 0 && loader.tile >= 0) {
       load_tile(loader.tile, (it + kStages - 1) % kStages);
       loader.next(tiles);
     }
-    cp_async_commit();
 
     const int tile = walker.tile;
     walker.next(tiles);
-    const int stage = it % kStages;
     const uint32_t k_smem = smem_base + stage * Cfg::kStageBytes;
     const uint32_t v_smem = k_smem + KTile::kBytes;
 
@@ -132,9 +178,13 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
     // ---- dequantize to base-2 logits, mask, online softmax (per warp, as attention_kernel.cuh) ------------------
     float s[8][4];
     dequantize_logits(n_tiles(acc), qk_scale0, qk_scale1, s);
-    mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
     float tile_max[2];
-    tile_row_max(s, tile_max);
+    if (tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset)) {
+      mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
+      tile_row_max(s, tile_max);
+    } else {
+      tile_row_max_s32(n_tiles(acc), qk_scale0, qk_scale1, tile_max);
+    }
     // SpargeAttn stage 2, decided per warp (16 rows) exactly as attention_kernel.cuh: a skipping warp leaves its
     // rows' max, sum and O as they are (P = 0, alpha = 1) while the warpgroup's P·V runs for the others; the MMA
     // itself is skipped when all four warps skip.
@@ -166,7 +216,6 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
 #pragma unroll
     for (int d = 0; d < kDTiles; ++d) fold_tile(o[d], n_tiles(tile_acc)[d], alpha);
   }
-  cp_async_wait<0>();
   add_stage2_counters(p, lane, pv_skipped, pv_total);
 
   // ---- epilogue: O / l · v_scale, LSE (as attention_kernel.cuh) -------------------------------------------------
@@ -177,123 +226,142 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
 #endif
 }
 
-// The same computation with the next tile's Q·Kᵀ in flight during this tile's softmax (intra-warpgroup overlap):
-// per iteration, issue S(i+1) = Q·K(i+1)ᵀ, softmax of S(i) -> P(i), issue P(i)·V(i), wait for S(i+1) and
-// dequantize and mask it while P(i)·V(i) runs, then fold the tile into O. S(i+1), the P·V accumulator and O are
-// live together (about 200 registers at D128), so 2 CTAs share an SM (3 at D64), with one more pipeline stage
-// (the load for tile i+1 must have landed one iteration earlier).
-template <int D>
-struct Sm90OverlapConfig : Sm90Config<D> {
-  static constexpr int kStages = D <= 64 ? 5 : 4;
-  static constexpr int kSmemBytes = kStages * Sm90Config<D>::kStageBytes + Sm90Config<D>::QTile::kBytes + 1024;
-  static constexpr int kMinBlocks = D <= 64 ? 3 : 2;
+// ==== The warp-specialized kernel ==================================================================================
+//
+// One CTA = one producer warpgroup + Consumers consumer warpgroups (2, or 3 where the registers allow: D <= 64);
+// consumer c computes the 64 query rows q0 + 64c .. q0 + 64c + 63 with the numerics of the kernel above, so
+// every K/Vᵀ tile the CTA loads serves 64·Consumers rows (half or a third of the L2 -> shared-memory traffic per
+// query row of 64-row CTAs, which at ~1000 TOPS would need ~8 TB/s).
+// - Producer: one thread issues bulk tensor copies (TMA) of Q once and of each key tile's K (INT8, 128B/64B
+//   swizzle) and Vᵀ (e4m3, 64B swizzle) into a ring of kStages stages; full[s] completes when a stage's bytes
+//   have landed, empty[s] when every consumer warp is done with it. The TMA writes the swizzled layout of
+//   SwizzledTile, which the wgmma descriptors read (tiles at 1024-byte aligned addresses).
+// - Registers move from the producer (which needs few) to the consumers (setmaxnreg): O, the per-tile P·V
+//   accumulator, the next S and P are live at once.
+// - Each consumer pipelines its tiles: S(j) = Q·K(j)ᵀ and P(j-1)·V(j-1) are issued together, the softmax of
+//   S(j) runs while P(j-1)·V(j-1) is on the tensor cores, then tile j-1 is folded into O. The other consumer's
+//   work fills the remaining gaps.
+// - All consumers walk the CTA's tile list (causal: cut at the CTA's last row; the rows of the first consumers
+//   see -inf in the one tile past their diagonal). Block masks must therefore have blocks of a multiple of the
+//   CTA's rows (the host takes the 64-row kernel above for others).
+// - The softmax takes the row max of unmasked tiles from the s32 accumulator (tile_row_max_s32), otherwise the
+//   arithmetic of the other paths (docs/NUMERICS.md), so the results match the emulation as theirs do.
+template <int D, int Consumers>
+struct Sm90WsConfig {
+  static constexpr int kConsumers = Consumers;
+  static constexpr int kBlockQ = 64 * Consumers;
+  static constexpr int kThreads = 128 * (Consumers + 1);
+  using KTile = SwizzledTile<kBlockK, D>;  // [key][channel] int8
+  using VTile = SwizzledTile<D, kBlockK>;  // [channel][key] e4m3
+  using QTile = SwizzledTile<kBlockQ, D>;
+  static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
+  static constexpr int kStages = D <= 64 ? 8 : 6;
+  static constexpr int kBarrierBytes = 8 * (2 * kStages + 1);
+  static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + kBarrierBytes + 1024;
+  // 64K registers per SM: 65536 / kThreads per thread at entry (rounded down to 8: 168 or 128); the producer
+  // gives back what the consumers take: 128·24 + 256·240 = 384·168, 128·24 + 384·160 <= 512·128.
+  static constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters =
+      (kEntryRegisters * kThreads - kProducerRegisters * 128) / (128 * Consumers) / 8 * 8;
+  static_assert(kConsumerRegisters <= 256, "setmaxnreg takes at most 256");
+  static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 };
 
-template <int D>
-__global__ void __launch_bounds__(Sm90OverlapConfig<D>::kThreads, Sm90OverlapConfig<D>::kMinBlocks)
-    attention_sm90_overlap_kernel(const AttentionParams p) {
+template <int D, int Consumers, bool Stage2, bool Turns>
+__global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
+    attention_sm90_ws_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
+                             const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = Sm90OverlapConfig<D>;
-  constexpr int kBlockQ = Cfg::kBlockQ;
+  using Cfg = Sm90WsConfig<D, Consumers>;
   using KTile = typename Cfg::KTile;
-  using VTile = typename Cfg::VTile;
   using QTile = typename Cfg::QTile;
+  constexpr int kBlockQ = Cfg::kBlockQ;
   constexpr int kStages = Cfg::kStages;
+  constexpr int kStageBytes = Cfg::kStageBytes;
   constexpr int kKSteps = D / 32;
   constexpr int kDTiles = D / 8;
 
   extern __shared__ __align__(1024) unsigned char smem[];
-
-  const RowCoords rc = row_coords<kBlockQ>(p);
-  const int hq = rc.hq, b = rc.b, hkv = rc.hkv, g = rc.g, t = rc.t;
-  const int q0 = rc.q0, warp_row0 = rc.warp_row0, causal_offset = rc.causal_offset;
-
-  const TileList tiles = setup_tile_list<kBlockQ>(p, b, hq, q0, causal_offset);
-  TileCursor walker = TileCursor::first(tiles);
-  TileCursor loader = walker;
-
-  const KvSources<D, true> kv(p, b, hkv);
   const uint32_t smem_base = (smem_address(smem) + 1023u) & ~1023u;
+  const uint32_t q_smem = smem_base + kStages * kStageBytes;
+  const uint32_t bars = q_smem + QTile::kBytes;
+  auto full_bar = [&](int stage) { return bars + 8u * stage; };
+  auto empty_bar = [&](int stage) { return bars + 8u * (kStages + stage); };
+  const uint32_t q_bar = bars + 16u * kStages;
 
-  auto load_tile = [&](int tile, int stage) {
-    load_kv_tile<Cfg, D, true>(p, smem_base + stage * Cfg::kStageBytes, tile, kv.k8, kv.v8t, nullptr);
-  };
+  const int q_tile = p.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int hq = blockIdx.y, b = blockIdx.z, hkv = hq / p.kv_group;
+  const int q0 = q_tile * kBlockQ;
+  const int causal_offset = p.tokens_k - p.tokens_q;
+  const TileList tiles = setup_tile_list<kBlockQ>(p, b, hq, q0, causal_offset);
 
-  const uint32_t q_smem = smem_base + kStages * Cfg::kStageBytes;
-  start_pipeline<QTile, Cfg::kThreads, D, kStages>(p, b, hq, q0, q_smem, tiles, loader, load_tile);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_bar(s), 1);
+      mbarrier_init(empty_bar(s), 4 * Consumers);  // one arrival per consumer warp
+    }
+    mbarrier_init(q_bar, 1);
+    fence_mbarrier_init();
+  }
+  __syncthreads();
 
-  const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, tiles.limit);
-  const uint64_t q_desc = smem_descriptor<D>(q_smem);
+  if (threadIdx.x < 128) {
+    // ---- producer ------------------------------------------------------------------------------------------
+    warpgroup_release_registers<Cfg::kProducerRegisters>();
+    if (threadIdx.x == 0) {
+      prefetch_tensor_map(&q_map);
+      prefetch_tensor_map(&k_map);
+      prefetch_tensor_map(&v_map);
+      mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
+      tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
+      const int kv_row = b * p.heads_kv + hkv;
+      TileCursor loader = TileCursor::first(tiles);
+      for (int i = 0; loader.tile >= 0; ++i, loader.next(tiles)) {
+        const int stage = i % kStages;
+        if (i >= kStages) mbarrier_wait(empty_bar(stage), (i / kStages - 1) & 1);
+        const uint32_t k_dst = smem_base + stage * kStageBytes;
+        mbarrier_arrive_expect_tx(full_bar(stage), kStageBytes);
+        tma_load_3d(k_dst, &k_map, full_bar(stage), 0, loader.tile * kBlockK, kv_row);
+        tma_load_3d(k_dst + KTile::kBytes, &v_map, full_bar(stage), loader.tile * kBlockK, 0, kv_row);
+      }
+    }
+    return;
+  }
 
-  auto issue_qk = [&](int acc_stage, int (&acc)[32]) {
-    const uint64_t k_desc = smem_descriptor<D>(smem_base + acc_stage * Cfg::kStageBytes);
-    wgmma_fence();
-    wgmma_s8_m64n64k32_zero(acc, q_desc, k_desc);
-#pragma unroll
-    for (int kk = 1; kk < kKSteps; ++kk) wgmma_s8_m64n64k32(acc, q_desc + 2 * kk, k_desc + 2 * kk, 1);
-    wgmma_commit();
-  };
-  // Base-2 logits of one tile, masked (as attention_kernel.cuh).
-  auto dequantize = [&](const int (&acc)[32], int tile, float s0, float s1, float (&s)[8][4]) {
-    dequantize_logits(n_tiles(acc), s0, s1, s);
-    mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
-  };
+  // ---- consumer c: rows q0 + 64c .. q0 + 64c + 63 --------------------------------------------------------------
+  warpgroup_claim_registers<Cfg::kConsumerRegisters>();
+  const int c = threadIdx.x / 128 - 1;
+  const int warp = (threadIdx.x - 128) / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row0 = q0 + 16 * warp;
+  const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.k_groups;
+  const float q_scale = load_q_scale(p, b, hq, q0 + 64 * c, warp_row0, g, tiles.limit);
 
   float o[kDTiles][4];
 #pragma unroll
   for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
-  float s[8][4];
-  int acc[32];
+  constexpr bool pv_skip = Stage2;
+  const float pv_lambda = pv_skip ? p.pv_threshold[hq] : 0.0f;
+  unsigned pv_skipped = 0, pv_total = 0;  // 32-bit: a warp visits < 2^32 tiles, and registers are tight
 
-  // S of the first tile.
-  int tile = walker.tile;
-  if (tile >= 0) {
-    walker.next(tiles);
-    cp_async_wait<kStages - 2>();
-    fence_proxy_async_shared();
-    __syncthreads();
-    issue_qk(0, acc);
-    float s0, s1;
-    qk_scales(p.granularity, kv.k_scale, q_scale, tile, t, s0, s1);
-    wgmma_wait<0>();
-    register_fence(acc);
-    dequantize(acc, tile, s0, s1, s);
-  }
-
-  for (int it = 0; tile >= 0; ++it) {
-    const int next = walker.tile;  // uniform over the CTA
-    if (next >= 0) {
-      walker.next(tiles);
-      // Tile it+1 resident (committed groups: kStages-1+it; tile j is group j).
-      cp_async_wait<kStages - 3>();
-      fence_proxy_async_shared();
-      __syncthreads();  // every wgmma of iteration it-1 (reading stage (it-1) % kStages) has completed
-      if (loader.tile >= 0) {
-        load_tile(loader.tile, (it + kStages - 1) % kStages);
-        loader.next(tiles);
-      }
-      cp_async_commit();
-    }
-    // After the last tile the MMA runs on the current tile again and its result is dropped: the same
-    // instruction sequence every iteration keeps the wgmma pipeline unserialized.
-    const int qk_tile = next >= 0 ? next : tile;
-    issue_qk((next >= 0 ? it + 1 : it) % kStages, acc);
-    float next_s0, next_s1;
-    qk_scales(p.granularity, kv.k_scale, q_scale, qk_tile, t, next_s0, next_s1);
-
-    // ---- online softmax of tile it (as attention_kernel.cuh) ----------------------------------------------------
-    float tile_max[2];
-    tile_row_max(s, tile_max);
-    float alpha[2];
-    online_softmax_update<true>(s, tile_max, row_max, row_sum, alpha);
-    uint32_t pa[2][4];
-    pack_p_e4m3(s, pa);
-
-    // ---- tile = P·V on the tensor cores while S(it+1) is dequantized --------------------------------------------
-    const uint64_t v_desc = smem_descriptor<kBlockK>(smem_base + (it % kStages) * Cfg::kStageBytes + KTile::kBytes);
-    float tile_acc[kDTiles * 4];
+  mbarrier_wait(q_bar, 0);
+  // Descriptors of stage 0; a stage's are these plus its offset >> 4 in the address field (below 2^18 bytes,
+  // so the 14-bit field does not carry).
+  const uint64_t q_desc = smem_descriptor<D>(q_smem + 64 * D * c);
+  const uint64_t k_desc0 = smem_descriptor<D>(smem_base);
+  const uint64_t v_desc0 = smem_descriptor<kBlockK>(smem_base + KTile::kBytes);
+  auto issue_qk = [&](int stage, int (&acc)[32]) {
+    const uint64_t k_desc = k_desc0 + static_cast<uint32_t>(stage * (kStageBytes >> 4));
+    wgmma_fence();
+    wgmma_s8_m64n64k32_zero(acc, q_desc, k_desc);
+#pragma unroll
+    for (int kk = 1; kk < kKSteps; ++kk) wgmma_s8_m64n64k32(acc, q_desc + 2 * kk, k_desc + 2 * kk, 1);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int stage, const uint32_t (&pa)[2][4], float (&tile_acc)[kDTiles * 4]) {
+    const uint64_t v_desc = v_desc0 + static_cast<uint32_t>(stage * (kStageBytes >> 4));
     wgmma_fence();
     if constexpr (D == 128) {
       wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc);
@@ -303,16 +371,112 @@ __global__ void __launch_bounds__(Sm90OverlapConfig<D>::kThreads, Sm90OverlapCon
       wgmma_e4m3_m64n64k32_rs(tile_acc, pa[1], v_desc + 2, 1);
     }
     wgmma_commit();
-    wgmma_wait<1>();  // S(it+1), the older group
-    register_fence(acc);
-    dequantize(acc, qk_tile, next_s0, next_s1, s);
-    wgmma_wait<0>();
-    register_fence(tile_acc);
+  };
+  // The softmax of tile `tile` from its S accumulator: P(·448) as e4m3 fragments and alpha. A warp that skips
+  // the tile (stage 2) leaves P = 0 and alpha = 1; the warpgroup's P·V still runs (a conditionally issued wgmma
+  // serializes the whole pipeline, and the exponentials it skips are what costs).
+  auto softmax = [&](int tile, const int (&acc)[32], float s0, float s1, uint32_t (&pa)[2][4], float (&alpha)[2]) {
+    float s[8][4];
+    float tile_max[2];
+    const bool masked = tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset);
+    dequantize_logits(n_tiles(acc), s0, s1, s);
+    if (masked) {
+      mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
+      tile_row_max(s, tile_max);
+    } else {
+      tile_row_max_s32(n_tiles(acc), s0, s1, tile_max);
+    }
+    bool warp_skip = false;
+    if constexpr (pv_skip)
+      warp_skip = stage2_skips_tile(tile_max, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total);
+    alpha[0] = alpha[1] = 1.0f;
 #pragma unroll
-    for (int d = 0; d < kDTiles; ++d) fold_tile(o[d], n_tiles(tile_acc)[d], alpha);
-    tile = next;
+    for (int i = 0; i < 4; ++i) pa[0][i] = pa[1][i] = 0u;
+    if (!warp_skip) {
+      online_softmax_update<true>(s, tile_max, row_max, row_sum, alpha);
+      pack_p_e4m3(s, pa);
+    }
+  };
+
+  // Per tile j: issue S(j) = Q·K(j)ᵀ and P(j-1)·V(j-1) together, run the softmax of S(j) while P(j-1)·V(j-1)
+  // is on the tensor cores, then fold tile j-1 into O and release its stage. The wgmma sequence is the same
+  // every iteration (ptxas serializes the wgmma pipeline around conditionally issued ones, and around wgmma
+  // results carried across iterations): after the last tile, S is computed once more from the last stage and
+  // dropped.
+  TileCursor walker = TileCursor::first(tiles);
+  int tile = walker.tile;
+  // Turns, round robin: consumer c issues after bar.sync on barrier 1 + c, then lets the next one go (bar.arrive
+  // on its barrier); the last consumer starts by letting consumer 0 go and skips its last hand-over, which nobody
+  // waits for. All walk the same tile list, so their turns pair up.
+  const int my_turn = 1 + c, other_turn = 1 + (c + 1) % Consumers;
+  const bool last_consumer = c == Consumers - 1;
+  auto begin_turn = [&]() {
+    if constexpr (Turns) named_barrier_sync<256>(my_turn);
+  };
+  auto end_turn = [&](bool last) {
+    if constexpr (Turns)
+      if (!(last && last_consumer)) named_barrier_arrive<256>(other_turn);
+  };
+  if (tile >= 0) {
+    if (Turns && last_consumer) named_barrier_arrive<256>(other_turn);
+    int acc[32];
+    mbarrier_wait(full_bar(0), 0);
+    begin_turn();
+    issue_qk(0, acc);
+    end_turn(false);
+    float s0, s1;
+    qk_scales(p.granularity, k_scale, q_scale, tile, t, s0, s1);
+    wgmma_wait<0>();
+    register_fence(acc);
+    uint32_t pa[2][4];
+    float alpha[2];
+    softmax(tile, acc, s0, s1, pa, alpha);
+    walker.next(tiles);
+
+    static_assert(kStages >= 2, "tile j-1 and tile j are in different stages");
+    int stage = 0, next_stage = 1;  // of tile j-1 and tile j
+    uint32_t next_phase = 0;        // of the full barrier of next_stage
+    while (true) {
+      const int next = walker.tile;
+      if (next >= 0) mbarrier_wait(full_bar(next_stage), next_phase);
+      begin_turn();
+      issue_qk(next >= 0 ? next_stage : stage, acc);
+      float tile_acc[kDTiles * 4];
+      issue_pv(stage, pa, tile_acc);
+      end_turn(next < 0);
+      wgmma_wait<1>();  // S(j), the older group; P(j-1)·V(j-1) keeps running
+      register_fence(acc);
+      uint32_t next_pa[2][4];
+      float next_alpha[2];
+      if (next >= 0) {
+        qk_scales(p.granularity, k_scale, q_scale, next, t, s0, s1);
+        softmax(next, acc, s0, s1, next_pa, next_alpha);
+        walker.next(tiles);
+      }
+      wgmma_wait<0>();
+      register_fence(tile_acc);
+      register_fence(pa);  // the P·V read pa until here: its registers stay pa's
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) fold_tile(o[d], n_tiles(tile_acc)[d], alpha);
+      // Every wgmma reading this stage has completed: hand it back to the producer.
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(empty_bar(stage));
+      if (next < 0) break;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pa[0][i] = next_pa[0][i];
+        pa[1][i] = next_pa[1][i];
+      }
+      alpha[0] = next_alpha[0];
+      alpha[1] = next_alpha[1];
+      stage = next_stage;
+      if (++next_stage == kStages) {
+        next_stage = 0;
+        next_phase ^= 1u;
+      }
+    }
   }
-  cp_async_wait<0>();
+  add_stage2_counters(p, lane, pv_skipped, pv_total);
 
   float inv[2];
   finish_row_sums(row_sum, inv);
@@ -321,19 +485,103 @@ __global__ void __launch_bounds__(Sm90OverlapConfig<D>::kThreads, Sm90OverlapCon
 #endif
 }
 
-// SPARQ_SM90_OVERLAP=1 / 0 picks the kernel above or the serial one (read per launch, so tests can switch).
-inline bool sm90_overlap_enabled() {
-  const char* e = std::getenv("SPARQ_SM90_OVERLAP");
-  return e == nullptr || *e == '\0' ? kSm90OverlapDefault : *e != '0';
+// ---- host side --------------------------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled from the driver, reached through the runtime (no link against libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A 3-D byte tensor [outer][middle][inner] (inner contiguous), read in boxes of box_inner x box_middle x 1 with
+// the swizzle of box_inner-byte rows (64 or 128), zero fill out of range.
+inline bool encode_byte_tensor_map(CUtensorMap& map, const void* base, uint64_t inner, uint64_t middle,
+                                   uint64_t outer, uint32_t box_inner, uint32_t box_middle) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[3] = {inner, middle, outer};
+  const cuuint64_t strides[2] = {inner, inner * middle};  // bytes, of dims 1 and 2
+  const cuuint32_t box[3] = {box_inner, box_middle, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUtensorMapSwizzle swizzle =
+      box_inner == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  return encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(base), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Host side of a TMA kernel (configuration Cfg: kBlockQ query rows per CTA, kThreads, kSmemBytes): encodes the
+// tensor maps of Q8 (boxes of kBlockQ rows), K8 and Vᵀ8 (boxes of one key tile) and launches one CTA per kBlockQ
+// query rows of each (query head, batch).
+template <typename Cfg, int D, typename Kernel>
+int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream) {
+  CUtensorMap q_map, k_map, v_map;
+  const bool encoded =
+      encode_byte_tensor_map(q_map, params.q8, D, params.tokens_q,
+                             static_cast<uint64_t>(params.batch) * params.heads_q, D, Cfg::kBlockQ) &&
+      encode_byte_tensor_map(k_map, params.k8, D, params.tokens_k,
+                             static_cast<uint64_t>(params.batch) * params.heads_kv, D, kBlockK) &&
+      encode_byte_tensor_map(v_map, params.v8t, params.vt_stride, D,
+                             static_cast<uint64_t>(params.batch) * params.heads_kv, kBlockK, D);
+  if (!encoded) return static_cast<int>(cudaErrorInvalidValue);
+  int device = 0, smem_limit = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
+  if (const cudaError_t e = cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+      e != cudaSuccess)
+    return static_cast<int>(e);
+  if (Cfg::kSmemBytes > smem_limit) return kLaunchNeedsMoreSharedMemory;
+  if (const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+      e != cudaSuccess)
+    return static_cast<int>(e);
+  const dim3 grid((params.tokens_q + Cfg::kBlockQ - 1) / Cfg::kBlockQ, params.heads_q, params.batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(params, q_map, k_map, v_map);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <int D, int Consumers, bool Turns, bool Stage2>
+int launch_attention_sm90_ws(const AttentionParams& params, void* stream) {
+  return launch_tma_kernel<Sm90WsConfig<D, Consumers>, D>(attention_sm90_ws_kernel<D, Consumers, Stage2, Turns>,
+                                                          params, stream);
+}
+
+// Which sm90a kernel runs: SPARQ_SM90_KERNEL=serial (the default, the one-warpgroup kernel), ws (warp-specialized,
+// consumers taking turns; block masks whose blocks are not a multiple of 128 rows take the serial kernel), ws-free
+// (without the turns) or ws2 (two consumers at every head dim). Read per launch, so tests can switch.
+inline const char* sm90_kernel_choice() {
+  const char* e = std::getenv("SPARQ_SM90_KERNEL");
+  return e == nullptr || *e == '\0' ? "serial" : e;
+}
+
+template <int D, bool Turns>
+int launch_attention_sm90_ws_choice(const AttentionParams& params, void* stream, bool wide) {
+  // Three consumers where their registers suffice (D <= 64, without stage 2's counters); two otherwise.
+  constexpr int kWide = D <= 64 ? 3 : 2;
+  if (params.pv_threshold != nullptr) return launch_attention_sm90_ws<D, 2, Turns, true>(params, stream);
+  if (wide) return launch_attention_sm90_ws<D, kWide, Turns, false>(params, stream);
+  return launch_attention_sm90_ws<D, 2, Turns, false>(params, stream);
 }
 
 template <int D>
 int launch_attention_sm90(const AttentionParams& params, void* stream) {
-  if (params.pv_threshold == nullptr && sm90_overlap_enabled())  // the overlap kernel has no stage 2
-    return launch_attention_kernel<Sm90OverlapConfig<D>>(attention_sm90_overlap_kernel<D>, params, stream);
-  if (params.pv_threshold != nullptr)
-    return launch_attention_kernel<Sm90Config<D>>(attention_sm90_kernel<D, true>, params, stream);
-  return launch_attention_kernel<Sm90Config<D>>(attention_sm90_kernel<D, false>, params, stream);
+  const std::string_view choice = sm90_kernel_choice();
+  const bool masked = params.mask_mode != static_cast<int>(MaskMode::None);
+  if ((choice != "ws" && choice != "ws-free" && choice != "ws2") || (masked && params.mask_block_q % 128 != 0)) {
+    if (params.pv_threshold != nullptr)
+      return launch_tma_kernel<Sm90Config<D>, D>(attention_sm90_kernel<D, true>, params, stream);
+    return launch_tma_kernel<Sm90Config<D>, D>(attention_sm90_kernel<D, false>, params, stream);
+  }
+  // A block mask needs the CTA's rows (64 per consumer) to divide its blocks.
+  const bool wide = choice != "ws2" && (!masked || params.mask_block_q % 192 == 0);
+  if (choice == "ws-free") return launch_attention_sm90_ws_choice<D, false>(params, stream, wide);
+  return launch_attention_sm90_ws_choice<D, true>(params, stream, wide);
 }
 
 }  // namespace sparq::cuda

@@ -53,6 +53,14 @@ __device__ __forceinline__ void register_fence(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+// Also keeps registers a wgmma reads asynchronously (an A fragment) from being reused before its wait.
+template <int M, int N>
+__device__ __forceinline__ void register_fence(uint32_t (&r)[M][N]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < N; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
 
 // A warpgroup accumulator seen per n-tile of 8 columns: d[4i + e] is element e of the mma.sync C fragment of
 // n-tile i (the layout above), so code written for [n][4] fragments takes it as it is: the same registers.
