@@ -209,15 +209,25 @@ __device__ __forceinline__ void qk_scales(int granularity, const float* k_scale,
   }
 }
 
-// Base-2 logits s = float(acc) · (q_scale · k_scale) of one 64-key tile.
+// Base-2 logits s = float(acc) · (q_scale · k_scale) of one 64-key tile. IntToFloat picks how float(acc) is formed
+// (both exact for |acc| < 2^22): exact_int_to_float (two full-rate FP32/INT ops) or cvt.rn.f32.s32 (one
+// instruction, I2FP on sm_90), whichever the kernel measured faster.
+struct MagicIntToFloat {
+  __device__ __forceinline__ float operator()(int x) const { return exact_int_to_float(x); }
+};
+struct CvtIntToFloat {
+  __device__ __forceinline__ float operator()(int x) const { return __int2float_rn(x); }
+};
+template <typename IntToFloat = MagicIntToFloat>
 __device__ __forceinline__ void dequantize_logits(const int (&acc)[8][4], float qk_scale0, float qk_scale1,
                                                   float (&s)[8][4]) {
+  const IntToFloat to_float;
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
-    s[n][0] = exact_int_to_float(acc[n][0]) * qk_scale0;
-    s[n][1] = exact_int_to_float(acc[n][1]) * qk_scale1;
-    s[n][2] = exact_int_to_float(acc[n][2]) * qk_scale0;
-    s[n][3] = exact_int_to_float(acc[n][3]) * qk_scale1;
+    s[n][0] = to_float(acc[n][0]) * qk_scale0;
+    s[n][1] = to_float(acc[n][1]) * qk_scale1;
+    s[n][2] = to_float(acc[n][2]) * qk_scale0;
+    s[n][3] = to_float(acc[n][3]) * qk_scale1;
   }
 }
 

@@ -32,6 +32,9 @@
 
 namespace sparq::cuda {
 
+// How the sm90a kernels turn the s32 accumulator into floats (attention_common.cuh, dequantize_logits).
+using Sm90IntToFloat = CvtIntToFloat;
+
 template <int D>
 struct Sm90Config {
   static constexpr int kBlockQ = 64;
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
 
     // ---- dequantize to base-2 logits, mask, online softmax (per warp, as attention_kernel.cuh) ------------------
     float s[8][4];
-    dequantize_logits(n_tiles(acc), qk_scale0, qk_scale1, s);
+    dequantize_logits<Sm90IntToFloat>(n_tiles(acc), qk_scale0, qk_scale1, s);
     float tile_max[2];
     if (tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset)) {
       mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
@@ -379,7 +382,7 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
     float s[8][4];
     float tile_max[2];
     const bool masked = tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset);
-    dequantize_logits(n_tiles(acc), s0, s1, s);
+    dequantize_logits<Sm90IntToFloat>(n_tiles(acc), s0, s1, s);
     if (masked) {
       mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
       tile_row_max(s, tile_max);
