@@ -2,18 +2,20 @@
 // (stdout) and notes (stderr).
 //
 //   sparq-sparge-bench [--backend auto|cuda|vulkan] [--batch 4] [--heads 32] [--dim 128] [--grid 16,32,32]
-//                      [--block-k 128] [--simthreshd 0.5] [--cdfthreshd 0.95] [--iters 10] [--warmup 2]
-//                      [--lut-dir DIR] [--tune-tokens 16384]
+//                      [--width 4] [--block-k 128] [--simthreshd 0.5] [--cdfthreshd 0.95,0.999] [--iters 10]
+//                      [--warmup 2] [--lut-dir DIR] [--tune-tokens 16384]
 //
 // Workload: tokens on a (t, h, w) grid (N = t·h·w), q and k random Fourier features of the position (a smooth
-// bump of peak logit ~20 around each query's own position), v smooth in the position; fp16 HND.
+// bump of peak logit ~20 and about --width cells around each query's own position), v smooth in the position;
+// fp16 HND. One JSON line per τ of --cdfthreshd (same data).
 // Measured (device times through Context::set_profiling, medians of --iters after --warmup):
 //   dense        attention() end to end (K mean, quantization, kernel);
 //   predict      the device predictor alone (predict_block_mask; its kernels, not the LUT allocation);
 //   sparse       attention() with the predicted LUT, end to end;
 //   sparge_wall  sparge_attention() wall clock (host overheads and allocations included);
 // effective TOPS = dense FLOPs (4·B·H·N²·D) / time. Accuracy: rel L1 of sparge_attention's output against
-// dense attention()'s. --lut-dir writes the LUT (counts.i32, indices.i32, lut.json) for bench/flex_lut.py.
+// dense attention()'s. --lut-dir writes each τ's LUT (DIR/tau<i>/counts.i32, indices.i32, lut.json) for
+// bench/flex_lut.py.
 // --tune-tokens > 0 times the tuner (host CPU) on one head of N tokens.
 #include <sparq/sparge.hpp>
 #include <sparq/sparq.hpp>
@@ -39,7 +41,9 @@ struct Args {
   int batch = 4, heads = 32, dim = 128;
   int grid_t = 16, grid_h = 32, grid_w = 32;
   int block_k = 128;
-  float simthreshd = 0.5f, cdfthreshd = 0.95f;
+  float simthreshd = 0.5f;
+  std::vector<float> cdfthreshd = {0.95f, 0.999f};
+  double width = 4.0;
   int iters = 10, warmup = 2;
   std::string lut_dir;
   int tune_tokens = 16384;
@@ -85,7 +89,12 @@ Args parse(int argc, char** argv) {
       a.grid_w = static_cast<int>(number(w, f));
     } else if (f == "--block-k") a.block_k = static_cast<int>(number(value(), f));
     else if (f == "--simthreshd") a.simthreshd = static_cast<float>(number(value(), f));
-    else if (f == "--cdfthreshd") a.cdfthreshd = static_cast<float>(number(value(), f));
+    else if (f == "--cdfthreshd") {
+      a.cdfthreshd.clear();
+      std::stringstream ss(value());
+      std::string item;
+      while (std::getline(ss, item, ',')) a.cdfthreshd.push_back(static_cast<float>(number(item, f)));
+    } else if (f == "--width") a.width = number(value(), f);
     else if (f == "--iters") a.iters = static_cast<int>(number(value(), f));
     else if (f == "--warmup") a.warmup = static_cast<int>(number(value(), f));
     else if (f == "--lut-dir") a.lut_dir = value();
@@ -103,11 +112,11 @@ struct Grid {
   int tokens() const { return t * h * w; }
 };
 
-void fill_head(const Grid& g, int D, uint64_t seed, uint16_t* q, uint16_t* k, uint16_t* v) {
+void fill_head(const Grid& g, int D, double width, uint64_t seed, uint16_t* q, uint16_t* k, uint16_t* v) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> nd(0.0, 1.0);
   const int F = D / 2;
-  const double peak = 20.0, width = 4.0;
+  const double peak = 20.0;
   const double amp = std::sqrt(peak * std::sqrt(static_cast<double>(D)) / F);
   std::vector<double> omega(static_cast<std::size_t>(F) * 3), phase(static_cast<std::size_t>(F)), vw(static_cast<std::size_t>(D) * 4);
   for (double& o : omega) o = nd(rng) / width;
@@ -164,7 +173,7 @@ int main(int argc, char** argv) {
       for (int t = 0; t < threads; ++t)
         pool.emplace_back([&, t] {
           for (int bh = t; bh < bh_total; bh += threads)
-            fill_head(g, D, 1000 + static_cast<uint64_t>(bh), q.data() + bh * head_elems, k.data() + bh * head_elems,
+            fill_head(g, D, a.width, 1000 + static_cast<uint64_t>(bh), q.data() + bh * head_elems, k.data() + bh * head_elems,
                       v.data() + bh * head_elems);
         });
       for (auto& th : pool) th.join();
@@ -190,7 +199,6 @@ int main(int argc, char** argv) {
     opt.block_k = a.block_k;
     sparq::SpargeParams params;
     params.simthreshd = a.simthreshd;
-    params.cdfthreshd = a.cdfthreshd;
     const std::vector<int64_t> order = sparq::hilbert_order(g.t, g.h, g.w);
     sparq::Tensor hq = ctx.empty(sparq::DType::F16, shape), hk = ctx.empty(sparq::DType::F16, shape),
                   hv = ctx.empty(sparq::DType::F16, shape);
@@ -206,63 +214,70 @@ int main(int argc, char** argv) {
       sparq::permute_tokens(ctx, tk, hk, order);
       sparq::permute_tokens(ctx, tv, hv, order);
     });
-    std::vector<double> predict_ms, predict_wall_ms;
-    sparq::SpargeStats pst;
-    sparq::BlockMask mask;
-    for (int it = 0; it < a.warmup + a.iters; ++it) {
-      const double w = wall([&] { mask = sparq::predict_block_mask(ctx, hq, hk, opt, {params}, &pst); });
-      if (it >= a.warmup) predict_ms.push_back(ctx.last_timing().total_ms), predict_wall_ms.push_back(w);
-    }
-    std::vector<double> sparse_ms, sparse_kernel_ms;
-    for (int it = 0; it < a.warmup + a.iters; ++it) {
-      sparq::attention(ctx, hq, hk, hv, sparse_out, {}, &mask);
-      ctx.synchronize();
-      if (it >= a.warmup) sparse_ms.push_back(ctx.last_timing().total_ms), sparse_kernel_ms.push_back(ctx.last_timing().attention_ms);
-    }
-    // sparge_attention end to end (permutation, prediction, attention, unpermutation), wall clock
-    opt.hilbert = sparq::TokenGrid{g.t, g.h, g.w};
-    std::vector<double> sparge_wall_ms;
-    sparq::SpargeStats st;
-    for (int it = 0; it < a.warmup + a.iters; ++it) {
-      const double w = wall([&] { sparq::sparge_attention(ctx, tq, tk, tv, sparse_out, opt, {params}, &st); });
-      if (it >= a.warmup) sparge_wall_ms.push_back(w);
-    }
-    const std::vector<float> d = download_f16(ctx, dense_out), s = download_f16(ctx, sparse_out);
-    double num = 0, den = 0;
-    for (std::size_t i = 0; i < d.size(); ++i) num += std::fabs(double(s[i]) - d[i]), den += std::fabs(double(d[i]));
-    const double rel_l1 = den > 0 ? num / den : 0;
+    const double dense = median(dense_ms);
+    const std::vector<float> d = download_f16(ctx, dense_out);
+    for (std::size_t ti = 0; ti < a.cdfthreshd.size(); ++ti) {
+      params.cdfthreshd = a.cdfthreshd[ti];
+      opt.hilbert.reset();
+      std::vector<double> predict_ms, predict_wall_ms;
+      sparq::SpargeStats pst;
+      sparq::BlockMask mask;
+      for (int it = 0; it < a.warmup + a.iters; ++it) {
+        const double w = wall([&] { mask = sparq::predict_block_mask(ctx, hq, hk, opt, {params}, &pst); });
+        if (it >= a.warmup) predict_ms.push_back(ctx.last_timing().total_ms), predict_wall_ms.push_back(w);
+      }
+      std::vector<double> sparse_ms, sparse_kernel_ms;
+      for (int it = 0; it < a.warmup + a.iters; ++it) {
+        sparq::attention(ctx, hq, hk, hv, sparse_out, {}, &mask);
+        ctx.synchronize();
+        if (it >= a.warmup) sparse_ms.push_back(ctx.last_timing().total_ms), sparse_kernel_ms.push_back(ctx.last_timing().attention_ms);
+      }
+      // sparge_attention end to end (permutation, prediction, attention, unpermutation), wall clock
+      opt.hilbert = sparq::TokenGrid{g.t, g.h, g.w};
+      std::vector<double> sparge_wall_ms;
+      sparq::SpargeStats st;
+      for (int it = 0; it < a.warmup + a.iters; ++it) {
+        const double w = wall([&] { sparq::sparge_attention(ctx, tq, tk, tv, sparse_out, opt, {params}, &st); });
+        if (it >= a.warmup) sparge_wall_ms.push_back(w);
+      }
+      const std::vector<float> s = download_f16(ctx, sparse_out);
+      double num = 0, den = 0;
+      for (std::size_t i = 0; i < d.size(); ++i) num += std::fabs(double(s[i]) - d[i]), den += std::fabs(double(d[i]));
+      const double rel_l1 = den > 0 ? num / den : 0;
 
-    const double dense = median(dense_ms), pred = median(predict_ms), sparse = median(sparse_ms);
-    std::printf("{\"backend\": \"%s\", \"B\": %d, \"H\": %d, \"N\": %d, \"D\": %d, \"grid\": [%d, %d, %d], "
-                "\"block_q\": %d, \"block_k\": %d, \"simthreshd\": %.3f, \"cdfthreshd\": %.4f, "
-                "\"predicted_on_device\": %s, \"block_sparsity\": %.4f, \"rel_l1_vs_dense\": %.5f, "
-                "\"dense_ms\": %.4f, \"dense_kernel_ms\": %.4f, \"predict_ms\": %.4f, \"predict_wall_ms\": %.3f, "
-                "\"predict_over_dense\": %.4f, \"sparse_ms\": %.4f, \"sparse_kernel_ms\": %.4f, "
-                "\"permute3_wall_ms\": %.3f, \"sparge_wall_ms\": %.3f, \"dense_tops\": %.1f, "
-                "\"sparse_eff_tops\": %.1f, \"predict_plus_sparse_eff_tops\": %.1f, \"sparge_wall_eff_tops\": %.1f}\n",
-                sparq::to_string(ctx.backend()), B, H, N, D, g.t, g.h, g.w, opt.block_q, opt.block_k, a.simthreshd,
-                a.cdfthreshd, pst.predicted_on_device ? "true" : "false", st.block_sparsity, rel_l1, dense,
-                median(dense_kernel_ms), pred, median(predict_wall_ms), pred / dense, sparse, median(sparse_kernel_ms),
-                permute_ms, median(sparge_wall_ms), flops / dense / 1e9, flops / sparse / 1e9,
-                flops / (pred + sparse) / 1e9, flops / median(sparge_wall_ms) / 1e9);
-    std::fflush(stdout);
+      const double pred = median(predict_ms), sparse = median(sparse_ms);
+      std::printf("{\"backend\": \"%s\", \"B\": %d, \"H\": %d, \"N\": %d, \"D\": %d, \"grid\": [%d, %d, %d], "
+                  "\"width\": %.2f, \"block_q\": %d, \"block_k\": %d, \"simthreshd\": %.3f, \"cdfthreshd\": %.5f, "
+                  "\"predicted_on_device\": %s, \"block_sparsity\": %.4f, \"rel_l1_vs_dense\": %.5f, "
+                  "\"dense_ms\": %.4f, \"dense_kernel_ms\": %.4f, \"predict_ms\": %.4f, \"predict_wall_ms\": %.3f, "
+                  "\"predict_over_dense\": %.4f, \"sparse_ms\": %.4f, \"sparse_kernel_ms\": %.4f, "
+                  "\"permute3_wall_ms\": %.3f, \"sparge_wall_ms\": %.3f, \"dense_tops\": %.1f, "
+                  "\"sparse_eff_tops\": %.1f, \"predict_plus_sparse_eff_tops\": %.1f, \"sparge_wall_eff_tops\": %.1f}\n",
+                  sparq::to_string(ctx.backend()), B, H, N, D, g.t, g.h, g.w, a.width, opt.block_q, opt.block_k,
+                  a.simthreshd, params.cdfthreshd, pst.predicted_on_device ? "true" : "false", st.block_sparsity, rel_l1,
+                  dense, median(dense_kernel_ms), pred, median(predict_wall_ms), pred / dense, sparse,
+                  median(sparse_kernel_ms), permute_ms, median(sparge_wall_ms), flops / dense / 1e9, flops / sparse / 1e9,
+                  flops / (pred + sparse) / 1e9, flops / median(sparge_wall_ms) / 1e9);
+      std::fflush(stdout);
 
-    if (!a.lut_dir.empty()) {
-      const auto& cs = mask.counts().shape();
-      const auto& is = mask.indices().shape();
-      std::vector<int32_t> counts(static_cast<std::size_t>(mask.counts().numel())),
-          indices(static_cast<std::size_t>(mask.indices().numel()));
-      ctx.to_host(mask.counts(), counts.data());
-      ctx.to_host(mask.indices(), indices.data());
-      std::ofstream(a.lut_dir + "/counts.i32", std::ios::binary)
-          .write(reinterpret_cast<const char*>(counts.data()), static_cast<std::streamsize>(counts.size() * 4));
-      std::ofstream(a.lut_dir + "/indices.i32", std::ios::binary)
-          .write(reinterpret_cast<const char*>(indices.data()), static_cast<std::streamsize>(indices.size() * 4));
-      std::ofstream(a.lut_dir + "/lut.json")
-          << "{\"B\": " << cs[0] << ", \"H\": " << cs[1] << ", \"nqb\": " << cs[2] << ", \"nkb\": " << is[3]
-          << ", \"N\": " << N << ", \"D\": " << D << ", \"block_q\": " << opt.block_q << ", \"block_k\": " << opt.block_k
-          << ", \"sparq_dense_ms\": " << dense << ", \"sparq_sparse_ms\": " << sparse << ", \"sparq_predict_ms\": " << pred
-          << "}\n";
+      if (!a.lut_dir.empty()) {
+        const std::string dir = a.lut_dir + "/tau" + std::to_string(ti);
+        std::system(("mkdir -p '" + dir + "'").c_str());
+        const auto& cs = mask.counts().shape();
+        const auto& is = mask.indices().shape();
+        std::vector<int32_t> counts(static_cast<std::size_t>(mask.counts().numel())),
+            indices(static_cast<std::size_t>(mask.indices().numel()));
+        ctx.to_host(mask.counts(), counts.data());
+        ctx.to_host(mask.indices(), indices.data());
+        std::ofstream(dir + "/counts.i32", std::ios::binary)
+            .write(reinterpret_cast<const char*>(counts.data()), static_cast<std::streamsize>(counts.size() * 4));
+        std::ofstream(dir + "/indices.i32", std::ios::binary)
+            .write(reinterpret_cast<const char*>(indices.data()), static_cast<std::streamsize>(indices.size() * 4));
+        std::ofstream(dir + "/lut.json") << "{\"B\": " << cs[0] << ", \"H\": " << cs[1] << ", \"nqb\": " << cs[2]
+                                         << ", \"nkb\": " << is[3] << ", \"N\": " << N << ", \"D\": " << D
+                                         << ", \"block_q\": " << opt.block_q << ", \"block_k\": " << opt.block_k
+                                         << ", \"cdfthreshd\": " << params.cdfthreshd << "}\n";
+      }
     }
 
     if (a.tune_tokens > 0) {
@@ -270,7 +285,7 @@ int main(int argc, char** argv) {
       const int tn = a.tune_tokens;
       Grid tg{1, 1, tn};
       std::vector<uint16_t> q1(static_cast<std::size_t>(tn) * D), k1(q1.size()), v1(q1.size());
-      fill_head(tg, D, 7, q1.data(), k1.data(), v1.data());
+      fill_head(tg, D, a.width, 7, q1.data(), k1.data(), v1.data());
       std::vector<float> fq(q1.size()), fk(q1.size()), fv(q1.size());
       for (std::size_t i = 0; i < q1.size(); ++i)
         fq[i] = sparq::reference::half_to_float(q1[i]), fk[i] = sparq::reference::half_to_float(k1[i]),

@@ -79,74 +79,39 @@ __device__ __forceinline__ float warp_tree(float (&v)[Cpl]) {
   return s;
 }
 
-// The TreeSum counter of a block's tokens, for one channel: chunk[0..6] the current chunk's levels, block[k] the
-// levels 6 + k (whole chunks).
-struct BlockCounter {
-  float chunk[7];
-  float block[kChunkLevels];
-  int chunks = 0;  // whole chunks pushed
-  // Token i (0..63) of the current chunk.
-  template <int I>
-  __device__ __forceinline__ void push_static(float v) {
-#pragma unroll
-    for (int k = 0; k < 7; ++k) {
-      if ((I >> k) & 1) {
-        v = fadd(chunk[k], v);
-      } else {
-        chunk[k] = v;
-        return;
-      }
-    }
-  }
-  // After a whole chunk of 64: its total joins the chunk-level counter.
-  __device__ __forceinline__ void end_whole_chunk() {
-    float v = chunk[6];
+// A balanced tree over the 8 values of v (the sub-tree of 8 aligned leaves).
+__device__ __forceinline__ float tree8(const float (&v)[8]) {
+  return fadd(fadd(fadd(v[0], v[1]), fadd(v[2], v[3])), fadd(fadd(v[4], v[5]), fadd(v[6], v[7])));
+}
+
+// Chunk-level tree counter of one channel: chunk totals (64-token sub-trees) pushed in order; after a power of
+// two of pushes the total is the balanced tree of them. Levels stay in registers (indices unrolled).
+struct ChunkCounter {
+  float level[kChunkLevels];
+  int count = 0;
+  __device__ __forceinline__ void push(float v) {
     bool placed = false;
 #pragma unroll
     for (int k = 0; k < kChunkLevels; ++k) {
       if (placed) continue;
-      if ((chunks >> k) & 1) {
-        v = fadd(block[k], v);
+      if ((count >> k) & 1) {
+        v = fadd(level[k], v);
       } else {
-        block[k] = v;
+        level[k] = v;
         placed = true;
       }
     }
-    ++chunks;
+    ++count;
   }
-  // The total with `tail` tokens (0..63) pushed into the current chunk after the whole chunks.
-  __device__ __forceinline__ float total(int tail) const {
-    float acc = 0.0f;
-    bool have = false;
-#pragma unroll
-    for (int k = 0; k < 6; ++k)
-      if ((tail >> k) & 1) {
-        acc = have ? fadd(chunk[k], acc) : chunk[k];
-        have = true;
-      }
+  // After `slots` (a power of two) pushes.
+  __device__ __forceinline__ float total(int slots) const {
+    float r = 0.0f;
 #pragma unroll
     for (int k = 0; k < kChunkLevels; ++k)
-      if ((chunks >> k) & 1) {
-        acc = have ? fadd(block[k], acc) : block[k];
-        have = true;
-      }
-    return acc;
+      if ((1 << k) == slots) r = level[k];
+    return r;
   }
 };
-
-// Pushes tile values t = 0..n-1 (n <= 64) of one channel into sum (v) and unit (v · inv[t]).
-template <bool Unit, int I = 0>
-__device__ __forceinline__ void push_chunk(BlockCounter& sum, BlockCounter& unit, const float* col, int ld,
-                                           const float* inv, int n) {
-  if constexpr (I < kChunk) {
-    if (I < n) {
-      const float v = col[I * ld];
-      sum.push_static<I>(v);
-      if constexpr (Unit) unit.push_static<I>(fmul(v, inv[I]));
-      push_chunk<Unit, I + 1>(sum, unit, col, ld, inv, n);
-    }
-  }
-}
 
 struct PoolArgs {
   SpargePredictParams p;
@@ -154,17 +119,21 @@ struct PoolArgs {
   int which;  // 0: raw K sums, 1: smoothed K, 2: Q
 };
 
-// One thread per channel (blockDim = D), D a power of two 32..256.
-template <bool Bf16, int Cpl>
-__global__ void pool_kernel(const PoolArgs a) {
-  extern __shared__ float smem[];
-  const SpargePredictParams& p = a.p;
-  const int D = p.head_dim, ld = D + 1;
-  float* tile = smem;              // [64][D + 1] values of the chunk (ftz, smoothed)
-  float* inv = tile + kChunk * ld;  // [64] 1/|v| of each token (0 for zero or non-finite rows)
-  float* usq = inv + kChunk;        // [D] unit_c²
+// One block of tokens per CTA of D = 8·G threads: thread (tg, cg) holds, per chunk of 64 token slots, the 8 tokens
+// [8·tg, 8·tg + 8) x the 8 channels [8·cg, 8·cg + 8) in registers (one 16-byte load per token when aligned).
+// Token norms: a sub-tree over its 8 channels, then a butterfly over the G threads of the row group; sums over
+// tokens: a sub-tree over its 8 tokens, then the 8 token groups combined per channel through shared memory, and
+// the chunks through a ChunkCounter. Missing token slots (past the sequence, or padding to a power of two) are +0.
+template <bool Bf16, int G>
+__global__ void __launch_bounds__(8 * G) pool_kernel(const PoolArgs a) {
+  constexpr int D = 8 * G;
+  __shared__ float part_s[8][D];  // per token group: 8-token sub-tree of every channel
+  __shared__ float part_u[8][D];
+  __shared__ float usq[D];
   __shared__ int all_finite, nonzero;
-  const int c = threadIdx.x, lane = c % 32, warp = c / 32, warps = blockDim.x / 32;
+  const SpargePredictParams& p = a.p;
+  const int tid = threadIdx.x, tg = tid / G, cg = tid % G, lane = tid % 32;
+  const int group_lane0 = lane & ~(G - 1);  // the row group's first lane in the warp (G <= 32)
   const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const bool is_q = a.which == 2, raw = a.which == 0, smoothed = a.which == 1;
   const int N = is_q ? p.tokens_q : p.tokens_k;
@@ -173,71 +142,122 @@ __global__ void pool_kernel(const PoolArgs a) {
   const int H = is_q ? p.heads_q : p.heads_kv;
   const SpargeView& x = is_q ? p.q : p.k;
   const uint16_t* base = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h;
+  const bool vec = reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && x.stride_t % 8 == 0;
   const int t0 = blk * block, t1 = min(N, t0 + block);
-  const float km = smoothed ? a.km[(static_cast<int64_t>(b) * p.heads_kv + h) * D + c] : 0.0f;
-  if (c == 0) {
+  int slots = kChunk;  // token slots of the block's tree: the next power of two >= block
+  while (slots < block) slots *= 2;
+  float km[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) km[i] = smoothed ? a.km[(static_cast<int64_t>(b) * p.heads_kv + h) * D + cg * 8 + i] : 0.0f;
+  if (tid == 0) {
     all_finite = 1;
     nonzero = 0;
   }
-  BlockCounter sum, unit;
-  int tail = 0;
-  for (int c0 = t0; c0 < t1; c0 += kChunk) {
-    const int n = min(kChunk, t1 - c0);
-    __syncthreads();  // the previous chunk's tile is consumed
-    for (int t = 0; t < n; ++t) {
-      float v = ftz(load16<Bf16>(base + static_cast<int64_t>(c0 + t) * x.stride_t + c));
-      if (smoothed) v = fsub(v, km);
-      tile[t * ld + c] = v;
+  ChunkCounter sum, unit;
+  for (int c0 = t0; c0 < t0 + slots; c0 += kChunk) {
+    if (c0 >= t1) {  // a chunk of padding: its sub-trees are +0
+      sum.push(0.0f);
+      unit.push(0.0f);
+      continue;
     }
-    __syncthreads();
-    if (!raw) {
-      for (int t = warp; t < n; t += warps) {
-        float v[Cpl];
+    float v[8][8];  // [token][channel]
 #pragma unroll
-        for (int i = 0; i < Cpl; ++i) {
-          const float e = tile[t * ld + lane * Cpl + i];
-          v[i] = fmul(e, e);
+    for (int r = 0; r < 8; ++r) {
+      const int t = c0 + tg * 8 + r;
+      const uint16_t* row = base + static_cast<int64_t>(t) * x.stride_t + cg * 8;
+      if (t < t1 && vec) {
+        const uint4 raw8 = *reinterpret_cast<const uint4*>(row);
+        const uint32_t w[4] = {raw8.x, raw8.y, raw8.z, raw8.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint16_t bits = static_cast<uint16_t>(i % 2 ? w[i / 2] >> 16 : w[i / 2] & 0xffffu);
+          v[r][i] = ftz(load16<Bf16>(&bits));
         }
-        const float n2 = warp_tree<Cpl>(v);
-        if (lane == 0) {
-          float r = 0.0f;  // zero rows (and non-finite ones, whose block is marked) add no direction
-          if (isinf(n2) || isnan(n2)) {
-            all_finite = 0;
-          } else if (n2 > 0.0f) {
-            atomicAdd(&nonzero, 1);
-            r = rsqrt_exact(n2);
-          }
-          inv[t] = r;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[r][i] = t < t1 ? ftz(load16<Bf16>(row + i)) : 0.0f;
+      }
+      if (smoothed && t < t1) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[r][i] = fsub(v[r][i], km[i]);
+      }
+    }
+    float inv[8];
+    if (!raw) {
+      float n2[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        float sq[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sq[i] = fmul(v[r][i], v[r][i]);
+        float s = tree8(sq);
+#pragma unroll
+        for (int off = 1; off < G; off *= 2) s = fadd(s, __shfl_xor_sync(0xffffffffu, s, off));
+        n2[r] = s;
+      }
+      // thread cg < 8 of the row group takes token cg; the others follow through shuffles
+      float mine = 0.0f;
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+        if (r == cg) mine = n2[r];
+      float r_inv = 0.0f;  // zero rows, padding and non-finite rows (whose block is marked) add no direction
+      if (cg < 8) {
+        if (isinf(mine) || isnan(mine)) {
+          all_finite = 0;
+        } else if (mine > 0.0f) {
+          atomicAdd(&nonzero, 1);
+          r_inv = rsqrt_exact(mine);
         }
       }
-      __syncthreads();
-      push_chunk<true>(sum, unit, tile + c, ld, inv, n);
-    } else {
-      push_chunk<false>(sum, unit, tile + c, ld, inv, n);
+#pragma unroll
+      for (int r = 0; r < 8; ++r) inv[r] = __shfl_sync(0xffffffffu, r_inv, group_lane0 + r);
     }
-    if (n == kChunk) {
-      sum.end_whole_chunk();
-      if (!raw) unit.end_whole_chunk();
-    } else {
-      tail = n;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float col[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) col[r] = v[r][i];
+      part_s[tg][cg * 8 + i] = tree8(col);
+      if (!raw) {
+#pragma unroll
+        for (int r = 0; r < 8; ++r) col[r] = fmul(v[r][i], inv[r]);
+        part_u[tg][cg * 8 + i] = tree8(col);
+      }
     }
+    __syncthreads();
+    {
+      const int c = tid;  // one channel per thread
+      float col[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) col[r] = part_s[r][c];
+      sum.push(tree8(col));
+      if (!raw) {
+#pragma unroll
+        for (int r = 0; r < 8; ++r) col[r] = part_u[r][c];
+        unit.push(tree8(col));
+      }
+    }
+    __syncthreads();
   }
+  const int c = tid;
   const int64_t out = (static_cast<int64_t>(b) * H + h) * nblocks + blk;
-  const float s = sum.total(tail);
+  const int chunk_slots = slots / kChunk;
+  const float s = sum.total(chunk_slots);
   if (raw) {
     a.ksum[out * D + c] = s;
     return;
   }
   const float inv_m = blk + 1 == nblocks ? (is_q ? p.inv_tail_q : p.inv_tail_k) : (is_q ? p.inv_block_q : p.inv_block_k);
   (is_q ? a.qmean : a.kmean)[out * D + c] = fmul(s, inv_m);
-  const float u = unit.total(tail);
+  const float u = unit.total(chunk_slots);
   usq[c] = fmul(u, u);
   __syncthreads();
-  if (warp == 0) {
-    float v[Cpl];
+  if (tid < 32) {
+    constexpr int Cpl = D / 32;
+    float w[Cpl];
 #pragma unroll
-    for (int i = 0; i < Cpl; ++i) v[i] = usq[lane * Cpl + i];
-    const float u2 = warp_tree<Cpl>(v);
+    for (int i = 0; i < Cpl; ++i) w[i] = usq[lane * Cpl + i];
+    const float u2 = warp_tree<Cpl>(w);
     if (lane == 0) {
       float sim;
       if (!all_finite) sim = -1.0f;
@@ -248,7 +268,8 @@ __global__ void pool_kernel(const PoolArgs a) {
   }
 }
 
-// The prediction's K mean: per (batch, kv head, channel), the TreeSum of the raw block sums times 1/Nk.
+// The prediction's K mean: per (batch, kv head, channel), the tree sum of the raw block sums (padded to a power of
+// two) times 1/Nk.
 __global__ void kmean_kernel(const PoolArgs a) {
   const SpargePredictParams& p = a.p;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -256,33 +277,32 @@ __global__ void kmean_kernel(const PoolArgs a) {
   if (i >= static_cast<int64_t>(p.batch) * p.heads_kv * D) return;
   const int64_t bh = i / D;
   const int c = static_cast<int>(i % D);
+  int slots = 1;
+  while (slots < p.blocks_k) slots *= 2;
   float level[kChunkLevels + 1];
-  int count = 0;
-  for (int j = 0; j < p.blocks_k; ++j) {
-    float v = a.ksum[(bh * p.blocks_k + j) * D + c];
+  for (int j = 0; j < slots; ++j) {
+    float v = j < p.blocks_k ? a.ksum[(bh * p.blocks_k + j) * D + c] : 0.0f;
     int k = 0;
-    for (int cc = count; cc & 1; cc >>= 1, ++k) v = fadd(level[k], v);
+    for (int cc = j; cc & 1; cc >>= 1, ++k) v = fadd(level[k], v);
     level[k] = v;
-    ++count;
   }
-  float acc = 0.0f;
-  bool have = false;
-  for (int k = 0; k <= kChunkLevels; ++k)
-    if ((count >> k) & 1) {
-      acc = have ? fadd(level[k], acc) : level[k];
-      have = true;
-    }
-  a.km[bh * D + c] = fmul(acc, p.inv_tokens_k);
+  int top = 0;
+  while ((1 << top) < slots) ++top;
+  a.km[bh * D + c] = fmul(level[top], p.inv_tokens_k);
 }
 
+// Query block rows per select CTA: they share the K block means read from L2.
+constexpr int kSelectRows = 4;
+
 struct SelectShared {
-  float w[kMaxKeyBlocks];        // logits, then masses
-  float by_rank[kMaxKeyBlocks];  // masses in rank order, then their running sums
+  float w[kSelectRows][kMaxKeyBlocks];  // logits, then masses
+  float by_rank[kMaxKeyBlocks];         // masses in rank order, then their running sums
   int rank[kMaxKeyBlocks];
-  float mq[256];
+  float mq[kSelectRows][256];
   float warp_max[kSelectThreads / 32];
   int warp_count[kSelectThreads / 32];
-  int row_finite, keep, first_reach;
+  int row_finite[kSelectRows];
+  int first_reach;
   float row_max;
 };
 
@@ -292,128 +312,145 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const PoolArgs a
   const SpargePredictParams& p = a.p;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   constexpr int kWarps = kSelectThreads / 32;
-  const int qb = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
+  const int hq = blockIdx.y, b = blockIdx.z;
   const int kvh = hq / (p.heads_q / p.heads_kv);
   const int D = p.head_dim, nkb = p.blocks_k;
   const int Nq = p.tokens_q, Nk = p.tokens_k, bq = p.block_q, bk = p.block_k;
-  const int q0 = qb * bq, q1 = min(Nq, q0 + bq) - 1;
-  int end = nkb;
-  if (p.causal) {
-    const int last = q1 + Nk - Nq;  // the last key the block's last row sees
-    end = last < 0 ? 0 : min(nkb, last / bk + 1);
-  }
-  const int shift = Nk - Nq;  // keys at the query block's own positions: key blocks [diag_b, diag_e)
-  const int p0 = max(0, q0 + shift), p1 = min(Nk - 1, q1 + shift);
-  const int diag_b = p0 <= p1 ? p0 / bk : 0, diag_e = p0 <= p1 ? p1 / bk + 1 : 0;
   const float theta = p.head[hq * 4 + 0], tau = p.head[hq * 4 + 1], topk = p.head[hq * 4 + 2];
   const bool dense = p.head[hq * 4 + 3] != 0.0f;
-  const int64_t row = (static_cast<int64_t>(b) * p.heads_q + hq) * p.blocks_q + qb;
   const int64_t kv_row0 = (static_cast<int64_t>(b) * p.heads_kv + kvh) * nkb;
-  float* const qmean = a.qmean;
-  bool all = dense || a.qsim[row] < theta;
+  const int qb0 = blockIdx.x * kSelectRows;
+  const int rows = min(kSelectRows, p.blocks_q - qb0);
 
-  for (int c = tid; c < D; c += kSelectThreads) sh.mq[c] = qmean[row * D + c];
-  if (tid == 0) {
-    sh.row_finite = 1;
-    sh.first_reach = end;
-  }
+  // Per row: the valid key blocks [0, end) and whether every one is kept regardless of the map.
+  auto row_end = [&](int qb) {
+    if (!p.causal) return nkb;
+    const int q1 = min(Nq, (qb + 1) * bq) - 1;
+    const int last = q1 + Nk - Nq;  // the last key the block's last row sees
+    return last < 0 ? 0 : min(nkb, last / bk + 1);
+  };
+  auto row_index = [&](int qb) { return (static_cast<int64_t>(b) * p.heads_q + hq) * p.blocks_q + qb; };
+  int max_end = 0;
+  for (int r = 0; r < rows; ++r) max_end = max(max_end, row_end(qb0 + r));
+  for (int i = tid; i < rows * D; i += kSelectThreads) sh.mq[i / D][i % D] = a.qmean[row_index(qb0 + i / D) * D + i % D];
+  if (tid < kSelectRows) sh.row_finite[tid] = 1;
   __syncthreads();
-  if (!all) {
-    for (int j = warp; j < end; j += kWarps) {
+  // Logits of every row against every valid key block: one warp per key block, its means read once.
+  const bool any_map = !dense;
+  if (any_map) {
+    for (int j = warp; j < max_end; j += kWarps) {
       const float* mk = a.kmean + (kv_row0 + j) * D + lane * Cpl;
-      float v[Cpl];
+      float k8[Cpl];
 #pragma unroll
-      for (int i = 0; i < Cpl; ++i) v[i] = fmul(sh.mq[lane * Cpl + i], mk[i]);
-      const float s = fmul(warp_tree<Cpl>(v), p.scale_log2);
-      if (lane == 0) {
-        if (isinf(s) || isnan(s)) sh.row_finite = 0;
-        sh.w[j] = s;
+      for (int i = 0; i < Cpl; ++i) k8[i] = mk[i];
+      for (int r = 0; r < rows; ++r) {
+        float v[Cpl];
+#pragma unroll
+        for (int i = 0; i < Cpl; ++i) v[i] = fmul(sh.mq[r][lane * Cpl + i], k8[i]);
+        const float s = fmul(warp_tree<Cpl>(v), p.scale_log2);
+        if (lane == 0) {
+          if ((isinf(s) || isnan(s)) && j < row_end(qb0 + r)) sh.row_finite[r] = 0;
+          sh.w[r][j] = s;
+        }
       }
     }
   }
   __syncthreads();
-  all = all || !sh.row_finite;  // a non-finite map keeps the whole row
-  int keep = 0;
-  if (!all && end > 0) {
-    // the row max (order does not matter: only the sign of a zero could differ, which 2^(s − max) ignores)
-    float mx = -__int_as_float(0x7f800000);
-    for (int j = tid; j < end; j += kSelectThreads) mx = sh.w[j] > mx ? sh.w[j] : mx;
+
+  for (int r = 0; r < rows; ++r) {
+    const int qb = qb0 + r;
+    const int end = row_end(qb);
+    const int64_t row = row_index(qb);
+    const int q0 = qb * bq, q1 = min(Nq, q0 + bq) - 1;
+    const int shift = Nk - Nq;  // keys at the query block's own positions: key blocks [diag_b, diag_e)
+    const int p0 = max(0, q0 + shift), p1 = min(Nk - 1, q1 + shift);
+    const int diag_b = p0 <= p1 ? p0 / bk : 0, diag_e = p0 <= p1 ? p1 / bk + 1 : 0;
+    // a non-finite map (over the row's valid blocks) keeps the whole row
+    const bool all = dense || a.qsim[row] < theta || sh.row_finite[r] == 0;
+    float* w = sh.w[r];
+    if (tid == 0) sh.first_reach = end;
+    int keep = 0;
+    if (!all && end > 0) {
+      float mx = -__int_as_float(0x7f800000);
+      for (int j = tid; j < end; j += kSelectThreads) mx = w[j] > mx ? w[j] : mx;
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const float o = __shfl_xor_sync(0xffffffffu, mx, off);
-      mx = o > mx ? o : mx;
-    }
-    if (lane == 0) sh.warp_max[warp] = mx;
-    __syncthreads();
-    if (tid == 0) {
-      float m = sh.warp_max[0];
-      for (int w = 1; w < kWarps; ++w) m = sh.warp_max[w] > m ? sh.warp_max[w] : m;
-      sh.row_max = m;
-    }
-    __syncthreads();
-    for (int j = tid; j < end; j += kSelectThreads) {
-      const int keys = min(bk, Nk - j * bk);
-      sh.w[j] = fmul(static_cast<float>(keys), exp2_neg(fsub(sh.w[j], sh.row_max)));
-    }
-    __syncthreads();
-    for (int j = tid; j < end; j += kSelectThreads) {
-      const float wj = sh.w[j];
-      int r = 0;
-      for (int i = 0; i < end; ++i) {
-        const float wi = sh.w[i];
-        r += (wi > wj || (wi == wj && i < j)) ? 1 : 0;
+      for (int off = 16; off > 0; off /= 2) {
+        const float o = __shfl_xor_sync(0xffffffffu, mx, off);
+        mx = o > mx ? o : mx;
       }
-      sh.rank[j] = r;
-      sh.by_rank[r] = wj;
-    }
-    __syncthreads();
-    if (tid == 0) {
-      // running sums in rank order (sequential), in place: by_rank[r] becomes cum_{r+1}
-      float cum = 0.0f;
-      for (int r = 0; r < end; ++r) {
-        cum = fadd(cum, sh.by_rank[r]);
-        sh.by_rank[r] = cum;
+      if (lane == 0) sh.warp_max[warp] = mx;
+      __syncthreads();
+      if (tid == 0) {
+        float m = sh.warp_max[0];
+        for (int k = 1; k < kWarps; ++k) m = sh.warp_max[k] > m ? sh.warp_max[k] : m;
+        sh.row_max = m;
       }
-    }
-    __syncthreads();
-    int m;
-    if (topk > 0.0f) {
-      m = static_cast<int>(ceilf(fmul(topk, static_cast<float>(end))));
-    } else {
-      // the first m in [0, end] with cum_m >= τ·cum_end (cum_0 = 0)
-      const float target = fmul(tau, sh.by_rank[end - 1]);
-      if (0.0f >= target) {
-        m = 0;
+      __syncthreads();
+      for (int j = tid; j < end; j += kSelectThreads) {
+        const int keys = min(bk, Nk - j * bk);
+        w[j] = fmul(static_cast<float>(keys), exp2_neg(fsub(w[j], sh.row_max)));
+      }
+      __syncthreads();
+      for (int j = tid; j < end; j += kSelectThreads) {
+        const float wj = w[j];
+        int rk = 0;
+        for (int i = 0; i < end; ++i) {
+          const float wi = w[i];
+          rk += (wi > wj || (wi == wj && i < j)) ? 1 : 0;
+        }
+        sh.rank[j] = rk;
+        sh.by_rank[rk] = wj;
+      }
+      __syncthreads();
+      if (tid == 0) {
+        // running sums in rank order (sequential), in place: by_rank[r] becomes cum_{r+1}
+        float cum = 0.0f;
+        for (int k = 0; k < end; ++k) {
+          cum = fadd(cum, sh.by_rank[k]);
+          sh.by_rank[k] = cum;
+        }
+      }
+      __syncthreads();
+      int m;
+      if (topk > 0.0f) {
+        m = static_cast<int>(ceilf(fmul(topk, static_cast<float>(end))));
       } else {
-        for (int r = tid; r < end; r += kSelectThreads)
-          if (sh.by_rank[r] >= target) atomicMin(&sh.first_reach, r + 1);
-        __syncthreads();
-        m = sh.first_reach;
+        // the first m in [0, end] with cum_m >= τ·cum_end (cum_0 = 0)
+        const float target = fmul(tau, sh.by_rank[end - 1]);
+        if (0.0f >= target) {
+          m = 0;
+        } else {
+          for (int k = tid; k < end; k += kSelectThreads)
+            if (sh.by_rank[k] >= target) atomicMin(&sh.first_reach, k + 1);
+          __syncthreads();
+          m = sh.first_reach;
+        }
       }
+      keep = min(max(m, 1), end);
     }
-    keep = min(max(m, 1), end);
+    // The LUT row: the chosen blocks ascending (ballot per warp over consecutive blocks), then zeros.
+    int written = 0;
+    for (int j0 = 0; j0 < end; j0 += kSelectThreads) {
+      const int j = j0 + tid;
+      bool take = false;
+      if (j < end)
+        take = all || sh.rank[j] < keep || a.ksim[kv_row0 + j] < theta || (p.sink && j == 0) ||
+               (p.diagonal && j >= diag_b && j < diag_e);
+      const unsigned ballot = __ballot_sync(0xffffffffu, take);
+      if (lane == 0) sh.warp_count[warp] = __popc(ballot);
+      __syncthreads();
+      int before = written;
+      for (int k = 0; k < warp; ++k) before += sh.warp_count[k];
+      int step = 0;
+      for (int k = 0; k < kWarps; ++k) step += sh.warp_count[k];
+      if (take) p.indices[row * nkb + before + __popc(ballot & ((1u << lane) - 1u))] = j;
+      written += step;
+      __syncthreads();
+    }
+    for (int i = written + tid; i < nkb; i += kSelectThreads) p.indices[row * nkb + i] = 0;
+    if (tid == 0) p.counts[row] = written;
+    __syncthreads();  // the next row reuses rank, by_rank and first_reach
   }
-  // The LUT row: the chosen blocks ascending (ballot per warp over consecutive blocks), then zeros.
-  int written = 0;
-  for (int j0 = 0; j0 < end; j0 += kSelectThreads) {
-    const int j = j0 + tid;
-    bool take = false;
-    if (j < end)
-      take = all || sh.rank[j] < keep || a.ksim[kv_row0 + j] < theta || (p.sink && j == 0) ||
-             (p.diagonal && j >= diag_b && j < diag_e);
-    const unsigned ballot = __ballot_sync(0xffffffffu, take);
-    if (lane == 0) sh.warp_count[warp] = __popc(ballot);
-    __syncthreads();
-    int before = written;
-    for (int w = 0; w < warp; ++w) before += sh.warp_count[w];
-    int step = 0;
-    for (int w = 0; w < kWarps; ++w) step += sh.warp_count[w];
-    if (take) p.indices[row * nkb + before + __popc(ballot & ((1u << lane) - 1u))] = j;
-    written += step;
-    __syncthreads();
-  }
-  for (int i = written + tid; i < nkb; i += kSelectThreads) p.indices[row * nkb + i] = 0;
-  if (tid == 0) p.counts[row] = written;
 }
 
 __global__ void permute_kernel(const PermuteParams p) {
@@ -448,45 +485,38 @@ std::size_t carve(const SpargePredictParams& p, Workspace* w) {
   return at;
 }
 
-template <bool Bf16, int Cpl>
+template <bool Bf16, int G>
 cudaError_t launch_typed(const PoolArgs& base, cudaStream_t stream) {
   const SpargePredictParams& p = base.p;
-  const int D = p.head_dim;
-  const std::size_t smem = (std::size_t(kChunk) * (D + 1) + kChunk + D) * sizeof(float);
-  auto pool = pool_kernel<Bf16, Cpl>;
-  if (smem > 48 * 1024) {
-    if (const cudaError_t e = cudaFuncSetAttribute(pool, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-        e != cudaSuccess)
-      return e;
-  }
+  constexpr int D = 8 * G;
   PoolArgs a = base;
   a.which = 0;
-  pool<<<dim3(p.blocks_k, p.heads_kv, p.batch), D, smem, stream>>>(a);
+  pool_kernel<Bf16, G><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
   const int64_t channels = int64_t(p.batch) * p.heads_kv * D;
-  kmean_kernel<<<static_cast<unsigned>((channels + 255) / 256), 256, 0, stream>>>(a);
+  kmean_kernel<<<static_cast<unsigned>((channels + 127) / 128), 128, 0, stream>>>(a);
   a.which = 1;
-  pool<<<dim3(p.blocks_k, p.heads_kv, p.batch), D, smem, stream>>>(a);
+  pool_kernel<Bf16, G><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
   a.which = 2;
-  pool<<<dim3(p.blocks_q, p.heads_q, p.batch), D, smem, stream>>>(a);
-  select_kernel<Cpl><<<dim3(p.blocks_q, p.heads_q, p.batch), kSelectThreads, 0, stream>>>(a);
+  pool_kernel<Bf16, G><<<dim3(p.blocks_q, p.heads_q, p.batch), D, 0, stream>>>(a);
+  select_kernel<D / 32><<<dim3((p.blocks_q + kSelectRows - 1) / kSelectRows, p.heads_q, p.batch), kSelectThreads, 0,
+                           stream>>>(a);
   return cudaGetLastError();
 }
 
 template <bool Bf16>
 cudaError_t launch_dim(const PoolArgs& a, cudaStream_t stream) {
   switch (a.p.head_dim) {
-    case 32: return launch_typed<Bf16, 1>(a, stream);
-    case 64: return launch_typed<Bf16, 2>(a, stream);
-    case 128: return launch_typed<Bf16, 4>(a, stream);
-    default: return launch_typed<Bf16, 8>(a, stream);
+    case 64: return launch_typed<Bf16, 8>(a, stream);
+    case 128: return launch_typed<Bf16, 16>(a, stream);
+    default: return launch_typed<Bf16, 32>(a, stream);
   }
 }
 
 }  // namespace
 
 bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k) {
-  const bool pow2 = head_dim >= 32 && head_dim <= 256 && (head_dim & (head_dim - 1)) == 0;
-  const int most = kChunk * ((1 << kChunkLevels) - 1);
+  const bool pow2 = head_dim >= 64 && head_dim <= 256 && (head_dim & (head_dim - 1)) == 0;
+  const int most = kChunk << (kChunkLevels - 1);  // the chunk counter's top level
   return pow2 && blocks_k <= kMaxKeyBlocks && block_q <= most && block_k <= most;
 }
 

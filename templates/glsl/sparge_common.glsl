@@ -66,8 +66,8 @@ float f_exp2_neg(float x) {
   return f_mul(p, uintBitsToFloat(uint(e + 127) << 23));
 }
 
-// TreeSum (predictor_fp32.hpp): a binary counter of partial sums; TREE_LEVELS levels hold 2^TREE_LEVELS - 1
-// values (enough for any block and any number of blocks of a sequence the backend accepts).
+// TreeSum (predictor_fp32.hpp): a balanced pairwise tree over `slots` (a power of two) leaves, the pushed values
+// then +0, computed as a binary counter; TREE_LEVELS levels hold up to 2^(TREE_LEVELS - 1) leaves.
 #define TREE_LEVELS 24
 struct Tree {
   float level[TREE_LEVELS];
@@ -85,14 +85,9 @@ void tree_push(inout Tree t, float v) {
   t.level[k] = v;
   t.count += 1u;
 }
-float tree_total(Tree t) {
-  float acc = 0.0;
-  bool have = false;
-  for (uint k = 0u; k < uint(TREE_LEVELS); ++k) {
-    if (((t.count >> k) & 1u) != 0u) {
-      acc = have ? f_add(t.level[k], acc) : t.level[k];
-      have = true;
-    }
-  }
-  return acc;
+float tree_total(inout Tree t, uint slots) {
+  while (t.count < slots) tree_push(t, 0.0);
+  return t.level[findMSB(slots)];
 }
+// The smallest power of two >= n (1 for n <= 1).
+uint tree_slots(uint n) { return n <= 1u ? 1u : 1u << uint(findMSB(n - 1u) + 1); }

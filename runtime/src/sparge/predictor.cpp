@@ -77,9 +77,9 @@ std::vector<float> token_mean(const float* x, int n, int d, int block) {
     for (int t0 = 0; t0 < n; t0 += block) {
       fp32::TreeSum tokens;
       for (int t = t0; t < std::min(n, t0 + block); ++t) tokens.push(fp32::ftz(x[static_cast<std::size_t>(t) * d + c]));
-      blocks.push(tokens.total());
+      blocks.push(tokens.total(fp32::tree_slots(block)));
     }
-    mean[static_cast<std::size_t>(c)] = mul(blocks.total(), inv_n);
+    mean[static_cast<std::size_t>(c)] = mul(blocks.total(fp32::tree_slots((n + block - 1) / block)), inv_n);
   }
   return mean;
 }
@@ -105,7 +105,7 @@ BlockSummary summarize_blocks(const float* x, int n, int d, int block, const flo
         v[static_cast<std::size_t>(c)] = shift ? sub(xc, shift[c]) : xc;
         norm2.push(mul(v[static_cast<std::size_t>(c)], v[static_cast<std::size_t>(c)]));
       }
-      const float n2 = norm2.total();
+      const float n2 = norm2.total(fp32::tree_slots(d));
       float inv = 0.0f;  // zero rows (and non-finite ones, whose block is marked) add no direction
       if (!std::isfinite(n2)) {
         finite = false;
@@ -122,14 +122,14 @@ BlockSummary summarize_blocks(const float* x, int n, int d, int block, const flo
     float* mean = s.mean.data() + static_cast<std::size_t>(bl) * d;
     fp32::TreeSum u2;
     for (int c = 0; c < d; ++c) {
-      mean[c] = mul(sum[static_cast<std::size_t>(c)].total(), inv_m);
-      const float u = unit[static_cast<std::size_t>(c)].total();
+      mean[c] = mul(sum[static_cast<std::size_t>(c)].total(fp32::tree_slots(block)), inv_m);
+      const float u = unit[static_cast<std::size_t>(c)].total(fp32::tree_slots(block));
       u2.push(mul(u, u));
     }
     float& sim = s.sim[static_cast<std::size_t>(bl)];
     if (!finite) sim = -1.0f;
     else if (nonzero == 0) sim = 1.0f;  // identical (zero) tokens: the mean is exact
-    else sim = mul(mul(u2.total(), inv_m), inv_m);
+    else sim = mul(mul(u2.total(fp32::tree_slots(d)), inv_m), inv_m);
   }
   return s;
 }
@@ -184,7 +184,7 @@ HeadMap head_map(const BlockSummary& qs, const BlockSummary& ks, const Geometry&
       const float* mk = ks.mean.data() + static_cast<std::size_t>(kb) * d;
       fp32::TreeSum dot;
       for (int c = 0; c < d; ++c) dot.push(mul(mq[c], mk[c]));
-      const float s = mul(dot.total(), s2);  // base-2 logit of the block means
+      const float s = mul(dot.total(fp32::tree_slots(d)), s2);  // base-2 logit of the block means
       if (!std::isfinite(s)) finite = false;
       logit[static_cast<std::size_t>(kb)] = s;
     }

@@ -63,10 +63,10 @@ inline float exp2_neg(float x) {
   return mul(p, from_bits(static_cast<uint32_t>(e + 127) << 23));
 }
 
-// The sum of a stream of values in a fixed pairwise order: a binary counter of partial sums (the value pushed
-// k-th joins the pending partials of its trailing one bits, lowest level first), and at the end the pending
-// partials added from the lowest level up. For a power-of-two count this is the balanced pairwise tree, which
-// a GPU may evaluate with any layout that keeps aligned subtrees together.
+// The sum of a stream of values as a balanced pairwise tree over `slots` leaves (a power of two): the values in
+// order, then +0 in the remaining slots. Computed as a binary counter of partial sums (the value pushed k-th
+// joins the pending partials of k's trailing one bits); a GPU may evaluate it with any layout that keeps aligned
+// sub-trees together.
 struct TreeSum {
   float level[32];
   uint32_t count = 0;
@@ -80,17 +80,21 @@ struct TreeSum {
     level[k] = v;
     ++count;
   }
-  float total() const {
-    float acc = 0.0f;
-    bool have = false;
-    for (uint32_t k = 0; k < 32; ++k)
-      if ((count >> k) & 1u) {
-        acc = have ? add(level[k], acc) : level[k];
-        have = true;
-      }
-    return acc;
+  // slots: a power of two >= the values pushed.
+  float total(uint32_t slots) {
+    while (count < slots) push(0.0f);
+    uint32_t k = 0;
+    while ((1u << k) < slots) ++k;
+    return level[k];
   }
 };
+
+// The smallest power of two >= n (1 for n <= 1): the leaves of a tree sum over n values.
+inline uint32_t tree_slots(int64_t n) {
+  uint32_t s = 1;
+  while (s < n) s <<= 1;
+  return s;
+}
 
 // The greater of two values, the second on ties (NaN never reaches it).
 inline float greater(float a, float b) { return a > b ? a : b; }
