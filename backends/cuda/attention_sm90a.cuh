@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
   float row_sum[2] = {0.0f, 0.0f};  // this thread's partial sums of P·448
   constexpr bool pv_skip = Stage2;  // p.pv_threshold != nullptr: a separate instantiation, without its registers
   const float pv_lambda = pv_skip ? p.pv_threshold[hq] : 0.0f;
-  unsigned long long pv_skipped = 0, pv_total = 0;  // stage-2 statistics of this warp
+  unsigned pv_skipped = 0, pv_total = 0;  // stage-2 statistics of this warp (32-bit: fewer registers)
 
   for (int it = 0; walker.tile >= 0; ++it) {
     const int stage = it % kStages;
