@@ -64,42 +64,71 @@ struct TileList {
   const int32_t* indices;
   const uint8_t* bits;
 };
+// A cursor is advanced by whole warps (every lane, converged): the bitmap scan is warp-cooperative. The LUT entry
+// after the current one is loaded one step early, so its latency hides behind a tile's work instead of stalling
+// the walk. tile = -1: the list is done (blocks ascend, so a block past the limit ends it).
 struct TileCursor {
   int entry = 0, part = 0, tile = -1;
+  int ahead = -1;  // LUT: the block of entry + 1
 
   // A cursor on the first tile of the list.
   __device__ static __forceinline__ TileCursor first(const TileList& l) {
     TileCursor c;
-    c.settle(l);
+    int block = -1;
+    if (l.mode == static_cast<int>(MaskMode::Lut)) {
+      if (l.count > 0) block = __ldg(l.indices);
+      if (l.count > 1) c.ahead = __ldg(l.indices + 1);
+    }
+    c.settle(l, block);
     return c;
   }
 
-  __device__ __forceinline__ void settle(const TileList& l) {
+  // The first tile of entry (part 0); lut_block: the LUT's block of entry.
+  __device__ __forceinline__ void settle(const TileList& l, int lut_block) {
     if (l.mode == static_cast<int>(MaskMode::None)) {
       tile = entry < l.limit ? entry : -1;
       return;
     }
-    int block;
+    int b;
     if (l.mode == static_cast<int>(MaskMode::Lut)) {
       if (entry >= l.count) { tile = -1; return; }
-      block = __ldg(l.indices + entry);
+      b = lut_block;
     } else {
-      if (part == 0)
-        while (entry < l.blocks && __ldg(l.bits + entry) == 0) ++entry;
+      // The next set byte at or after entry, 32 bytes per step: lane i tests entry + i.
+      const int lane = threadIdx.x % 32;
+      while (entry < l.blocks) {
+        const int i = entry + lane;
+        const unsigned set = __ballot_sync(0xffffffffu, i < l.blocks && __ldg(l.bits + i) != 0);
+        if (set != 0) {
+          entry += __ffs(set) - 1;
+          break;
+        }
+        entry += 32;
+      }
       if (entry >= l.blocks) { tile = -1; return; }
-      block = entry;
+      b = entry;
     }
-    const int t = block * l.sub + part;
-    tile = (block >= 0 && t < l.limit) ? t : -1;
+    const int t = b * l.sub;
+    tile = (b >= 0 && t < l.limit) ? t : -1;
   }
   __device__ __forceinline__ void next(const TileList& l) {
     if (l.mode == static_cast<int>(MaskMode::None)) {
       ++entry;
-    } else if (++part == l.sub) {
-      part = 0;
-      ++entry;
+      tile = entry < l.limit ? entry : -1;
+      return;
     }
-    settle(l);
+    if (++part < l.sub) {  // the block's next tile
+      tile = tile >= 0 && tile + 1 < l.limit ? tile + 1 : -1;
+      return;
+    }
+    part = 0;
+    ++entry;
+    int block = -1;
+    if (l.mode == static_cast<int>(MaskMode::Lut)) {
+      block = ahead;
+      ahead = entry + 1 < l.count ? __ldg(l.indices + entry + 1) : -1;
+    }
+    settle(l, block);
   }
 };
 

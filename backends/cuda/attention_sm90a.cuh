@@ -81,8 +81,9 @@ __device__ __forceinline__ void tile_row_max_s32(const int (&acc)[8][4], float q
   }
 }
 
+// The stage-2 instantiation keeps 3 CTAs per SM at D64 (its counters and λ do not fit 4 CTAs' 127 registers).
 template <int D, bool Stage2>
-__global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBlocks)
+__global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Config<D>::kMinBlocks)
     attention_sm90_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
                           const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
   // ---- which key tiles this CTA visits ----------------------------------------------------------------------
   const TileList tiles = setup_tile_list<kBlockQ>(p, b, hq, q0, causal_offset);
   TileCursor walker = TileCursor::first(tiles);
-  TileCursor loader = walker;  // thread 0's, kStages - 1 tiles ahead
+  TileCursor loader = walker;  // warp 0's, kStages - 1 tiles ahead
 
   const KvSources<D, true> kv(p, b, hkv);
   // The swizzle is a function of the address bits: tiles start at 1024-byte aligned addresses.
@@ -127,10 +128,14 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
     fence_mbarrier_init();
     mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
     tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
+  }
+  // Warp 0 walks the loader (a cursor moves by whole warps); its lane 0, which initialized the barriers,
+  // issues the copies.
+  if (threadIdx.x < 32) {
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (loader.tile >= 0) {
-        load_tile(loader.tile, s);
+        if (threadIdx.x == 0) load_tile(loader.tile, s);
         loader.next(tiles);
       }
     }
@@ -154,8 +159,8 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
     const int stage = it % kStages;
     mbarrier_wait(bars + 8u * stage, (it / kStages) & 1);  // the tile is in shared memory
     __syncthreads();  // every wgmma of the previous iteration has completed: its stage is free
-    if (threadIdx.x == 0 && loader.tile >= 0) {
-      load_tile(loader.tile, (it + kStages - 1) % kStages);
+    if (threadIdx.x < 32 && loader.tile >= 0) {
+      if (threadIdx.x == 0) load_tile(loader.tile, (it + kStages - 1) % kStages);
       loader.next(tiles);
     }
 
@@ -236,7 +241,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Sm90Config<D>::kMinBl
 // consumer c computes the 64 query rows q0 + 64c .. q0 + 64c + 63 with the numerics of the kernel above, so
 // every K/Vᵀ tile the CTA loads serves 64·Consumers rows (half or a third of the L2 -> shared-memory traffic per
 // query row of 64-row CTAs, which at ~1000 TOPS would need ~8 TB/s).
-// - Producer: one thread issues bulk tensor copies (TMA) of Q once and of each key tile's K (INT8, 128B/64B
+// - Producer: one thread (warp 0 walks the tile list) issues bulk tensor copies (TMA) of Q once and of each key tile's K (INT8, 128B/64B
 //   swizzle) and Vᵀ (e4m3, 64B swizzle) into a ring of kStages stages; full[s] completes when a stage's bytes
 //   have landed, empty[s] when every consumer warp is done with it. The TMA writes the swizzled layout of
 //   SwizzledTile, which the wgmma descriptors read (tiles at 1024-byte aligned addresses).
@@ -313,21 +318,26 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
   if (threadIdx.x < 128) {
     // ---- producer ------------------------------------------------------------------------------------------
     warpgroup_release_registers<Cfg::kProducerRegisters>();
-    if (threadIdx.x == 0) {
-      prefetch_tensor_map(&q_map);
-      prefetch_tensor_map(&k_map);
-      prefetch_tensor_map(&v_map);
-      mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
-      tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
+    if (threadIdx.x < 32) {  // warp 0 walks the tiles (a cursor moves by whole warps), lane 0 issues
+      const bool leader = threadIdx.x == 0;
+      if (leader) {
+        prefetch_tensor_map(&q_map);
+        prefetch_tensor_map(&k_map);
+        prefetch_tensor_map(&v_map);
+        mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
+        tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
+      }
       const int kv_row = b * p.heads_kv + hkv;
       TileCursor loader = TileCursor::first(tiles);
       for (int i = 0; loader.tile >= 0; ++i, loader.next(tiles)) {
         const int stage = i % kStages;
         if (i >= kStages) mbarrier_wait(empty_bar(stage), (i / kStages - 1) & 1);
-        const uint32_t k_dst = smem_base + stage * kStageBytes;
-        mbarrier_arrive_expect_tx(full_bar(stage), kStageBytes);
-        tma_load_3d(k_dst, &k_map, full_bar(stage), 0, loader.tile * kBlockK, kv_row);
-        tma_load_3d(k_dst + KTile::kBytes, &v_map, full_bar(stage), loader.tile * kBlockK, 0, kv_row);
+        if (leader) {
+          const uint32_t k_dst = smem_base + stage * kStageBytes;
+          mbarrier_arrive_expect_tx(full_bar(stage), kStageBytes);
+          tma_load_3d(k_dst, &k_map, full_bar(stage), 0, loader.tile * kBlockK, kv_row);
+          tma_load_3d(k_dst + KTile::kBytes, &v_map, full_bar(stage), loader.tile * kBlockK, 0, kv_row);
+        }
       }
     }
     return;
