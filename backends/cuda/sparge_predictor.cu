@@ -1,13 +1,13 @@
 // CUDA SpargeAttn stage 1 (docs/SPARGE.md) in the exact fp32 arithmetic of runtime/src/sparge/predictor_fp32.hpp:
-// every add/sub/mul is __fadd_rn/__fsub_rn/__fmul_rn (never contracted) flushed to a signed zero when subnormal,
-// no division or library sqrt/exp, sums in the TreeSum order. Kernels:
+// every add/sub/mul rounds to nearest, is never contracted, and its result is flushed to a signed zero when
+// subnormal; no division or library sqrt/exp; tree sums over power-of-two slots. Kernels:
 //   pool     per (block, head, batch): raw K block sums, or block means and self-similarities of Q / smoothed K;
 //   kmean    per (batch, kv head, channel): the prediction's K mean;
-//   select   per (query block, query head, batch): logits, masses, rank by counting, τ / top-k, the LUT row;
+//   select   per 4 query blocks of a (query head, batch): logits, masses, rank by counting, τ / top-k, LUT rows;
 //   permute  per (token, head, batch): a token row of the Hilbert permutation.
-// The TreeSum over channels is a lane's balanced sub-tree of D/32 consecutive channels followed by a butterfly
-// over the 32 lanes (equal to the TreeSum for a power-of-two D); the TreeSum over a block's tokens runs in chunks
-// of 64 tokens per channel thread with the counter's levels in registers.
+// Channel sums: a lane's balanced sub-tree of consecutive channels, then a butterfly over lanes; token sums: a
+// thread's sub-tree of 8 consecutive tokens, then 8-token groups through shared memory, then 64-token chunks
+// through a counter in registers. Each is the tree of the specification because aligned sub-trees stay together.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,7 +20,6 @@
 namespace sparq::cuda {
 namespace {
 
-constexpr int kMaxKeyBlocks = 1024;  // per row in the select kernel's shared memory
 constexpr int kChunk = 64;           // tokens per pool step
 constexpr int kChunkLevels = 10;     // chunk counter levels: blocks up to 1023 chunks
 constexpr int kSelectThreads = 256;
@@ -31,8 +30,20 @@ __device__ __forceinline__ float ftz(float x) {
   const unsigned u = __float_as_uint(x);
   return (u & 0x7F800000u) == 0u ? __uint_as_float(u & 0x80000000u) : x;
 }
-__device__ __forceinline__ float fadd(float a, float b) { return ftz(__fadd_rn(a, b)); }
-__device__ __forceinline__ float fsub(float a, float b) { return ftz(__fsub_rn(a, b)); }
+// add/sub with .ftz: inputs are never subnormal here (every value is flushed), and a sum or difference of two
+// normal floats that is below 2^-126 is exact, so flushing the result in hardware equals ftz(round(a ± b)).
+// (mul keeps the explicit ftz: a product can round up to the smallest normal, where hardware and ftz() could
+// disagree.)
+__device__ __forceinline__ float fadd(float a, float b) {
+  float r;
+  asm("add.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float fsub(float a, float b) {
+  float r;
+  asm("sub.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
 __device__ __forceinline__ float fmul(float a, float b) { return ftz(__fmul_rn(a, b)); }
 
 __device__ __forceinline__ float rsqrt_exact(float x) {
@@ -291,19 +302,21 @@ __global__ void kmean_kernel(const PoolArgs a) {
   a.km[bh * D + c] = fmul(level[top], p.inv_tokens_k);
 }
 
-// Query block rows per select CTA: they share the K block means read from L2.
+// Query block rows per select CTA: they share the K block means read from L2, and each has its own 64 threads
+// (two warps) for the ranking and the LUT row, so the rows' sequential steps overlap.
 constexpr int kSelectRows = 4;
+constexpr int kRowThreads = kSelectThreads / kSelectRows;
+constexpr int kSelectMaxKeyBlocks = 512;
 
 struct SelectShared {
-  float w[kSelectRows][kMaxKeyBlocks];  // logits, then masses
-  float by_rank[kMaxKeyBlocks];         // masses in rank order, then their running sums
-  int rank[kMaxKeyBlocks];
+  float w[kSelectRows][kSelectMaxKeyBlocks];        // logits, then masses
+  float by_rank[kSelectRows][kSelectMaxKeyBlocks];  // masses in rank order, then their running sums
+  int rank[kSelectRows][kSelectMaxKeyBlocks];
   float mq[kSelectRows][256];
-  float warp_max[kSelectThreads / 32];
-  int warp_count[kSelectThreads / 32];
+  float part_max[kSelectRows][2];
+  int part_count[kSelectRows][2];
   int row_finite[kSelectRows];
-  int first_reach;
-  float row_max;
+  int first_reach[kSelectRows];
 };
 
 template <int Cpl>
@@ -321,8 +334,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const PoolArgs a
   const int64_t kv_row0 = (static_cast<int64_t>(b) * p.heads_kv + kvh) * nkb;
   const int qb0 = blockIdx.x * kSelectRows;
   const int rows = min(kSelectRows, p.blocks_q - qb0);
-
-  // Per row: the valid key blocks [0, end) and whether every one is kept regardless of the map.
+  // The valid key blocks [0, end) of query block qb.
   auto row_end = [&](int qb) {
     if (!p.causal) return nkb;
     const int q1 = min(Nq, (qb + 1) * bq) - 1;
@@ -336,17 +348,16 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const PoolArgs a
   if (tid < kSelectRows) sh.row_finite[tid] = 1;
   __syncthreads();
   // Logits of every row against every valid key block: one warp per key block, its means read once.
-  const bool any_map = !dense;
-  if (any_map) {
+  if (!dense) {
     for (int j = warp; j < max_end; j += kWarps) {
       const float* mk = a.kmean + (kv_row0 + j) * D + lane * Cpl;
-      float k8[Cpl];
+      float kv[Cpl];
 #pragma unroll
-      for (int i = 0; i < Cpl; ++i) k8[i] = mk[i];
+      for (int i = 0; i < Cpl; ++i) kv[i] = mk[i];
       for (int r = 0; r < rows; ++r) {
         float v[Cpl];
 #pragma unroll
-        for (int i = 0; i < Cpl; ++i) v[i] = fmul(sh.mq[r][lane * Cpl + i], k8[i]);
+        for (int i = 0; i < Cpl; ++i) v[i] = fmul(sh.mq[r][lane * Cpl + i], kv[i]);
         const float s = fmul(warp_tree<Cpl>(v), p.scale_log2);
         if (lane == 0) {
           if ((isinf(s) || isnan(s)) && j < row_end(qb0 + r)) sh.row_finite[r] = 0;
@@ -357,99 +368,107 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const PoolArgs a
   }
   __syncthreads();
 
-  for (int r = 0; r < rows; ++r) {
-    const int qb = qb0 + r;
-    const int end = row_end(qb);
-    const int64_t row = row_index(qb);
-    const int q0 = qb * bq, q1 = min(Nq, q0 + bq) - 1;
-    const int shift = Nk - Nq;  // keys at the query block's own positions: key blocks [diag_b, diag_e)
-    const int p0 = max(0, q0 + shift), p1 = min(Nk - 1, q1 + shift);
-    const int diag_b = p0 <= p1 ? p0 / bk : 0, diag_e = p0 <= p1 ? p1 / bk + 1 : 0;
-    // a non-finite map (over the row's valid blocks) keeps the whole row
-    const bool all = dense || a.qsim[row] < theta || sh.row_finite[r] == 0;
-    float* w = sh.w[r];
-    if (tid == 0) sh.first_reach = end;
-    int keep = 0;
-    if (!all && end > 0) {
-      float mx = -__int_as_float(0x7f800000);
-      for (int j = tid; j < end; j += kSelectThreads) mx = w[j] > mx ? w[j] : mx;
+  // From here on, row r belongs to threads [64r, 64r + 64); every __syncthreads is reached by all threads.
+  const int r = tid / kRowThreads, rt = tid % kRowThreads, rw = rt / 32;
+  const bool active = r < rows;
+  const int qb = qb0 + r;
+  const int end = active ? row_end(qb) : 0;
+  const int64_t row = row_index(qb);
+  const bool all = !active || dense || a.qsim[row] < theta || sh.row_finite[r] == 0;
+  const bool ranked = !all && end > 0;
+  float* w = sh.w[r];
+  float* by_rank = sh.by_rank[r];
+  int* rank = sh.rank[r];
+  // the row max (order does not matter: only the sign of a zero could differ, which 2^(s − max) ignores)
+  if (ranked) {
+    float mx = -__int_as_float(0x7f800000);
+    for (int j = rt; j < end; j += kRowThreads) mx = w[j] > mx ? w[j] : mx;
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) {
-        const float o = __shfl_xor_sync(0xffffffffu, mx, off);
-        mx = o > mx ? o : mx;
+    for (int off = 16; off > 0; off /= 2) {
+      const float o = __shfl_xor_sync(0xffffffffu, mx, off);
+      mx = o > mx ? o : mx;
+    }
+    if (lane == 0) sh.part_max[r][rw] = mx;
+  }
+  __syncthreads();
+  if (ranked) {
+    const float m0 = sh.part_max[r][0], m1 = sh.part_max[r][1];
+    const float mx = m1 > m0 ? m1 : m0;
+    for (int j = rt; j < end; j += kRowThreads) {
+      const int keys = min(bk, Nk - j * bk);
+      w[j] = fmul(static_cast<float>(keys), exp2_neg(fsub(w[j], mx)));
+    }
+  }
+  __syncthreads();
+  if (ranked) {
+    for (int j = rt; j < end; j += kRowThreads) {
+      const float wj = w[j];
+      int rk = 0;
+      for (int i = 0; i < end; ++i) {
+        const float wi = w[i];
+        rk += (wi > wj || (wi == wj && i < j)) ? 1 : 0;
       }
-      if (lane == 0) sh.warp_max[warp] = mx;
-      __syncthreads();
-      if (tid == 0) {
-        float m = sh.warp_max[0];
-        for (int k = 1; k < kWarps; ++k) m = sh.warp_max[k] > m ? sh.warp_max[k] : m;
-        sh.row_max = m;
-      }
-      __syncthreads();
-      for (int j = tid; j < end; j += kSelectThreads) {
-        const int keys = min(bk, Nk - j * bk);
-        w[j] = fmul(static_cast<float>(keys), exp2_neg(fsub(w[j], sh.row_max)));
-      }
-      __syncthreads();
-      for (int j = tid; j < end; j += kSelectThreads) {
-        const float wj = w[j];
-        int rk = 0;
-        for (int i = 0; i < end; ++i) {
-          const float wi = w[i];
-          rk += (wi > wj || (wi == wj && i < j)) ? 1 : 0;
-        }
-        sh.rank[j] = rk;
-        sh.by_rank[rk] = wj;
-      }
-      __syncthreads();
-      if (tid == 0) {
-        // running sums in rank order (sequential), in place: by_rank[r] becomes cum_{r+1}
-        float cum = 0.0f;
-        for (int k = 0; k < end; ++k) {
-          cum = fadd(cum, sh.by_rank[k]);
-          sh.by_rank[k] = cum;
-        }
-      }
-      __syncthreads();
-      int m;
-      if (topk > 0.0f) {
-        m = static_cast<int>(ceilf(fmul(topk, static_cast<float>(end))));
+      rank[j] = rk;
+      by_rank[rk] = wj;
+    }
+  }
+  __syncthreads();
+  if (ranked && rt == 0) {
+    // running sums in rank order (sequential), in place: by_rank[k] becomes cum_{k+1}
+    float cum = 0.0f;
+    for (int k = 0; k < end; ++k) {
+      cum = fadd(cum, by_rank[k]);
+      by_rank[k] = cum;
+    }
+    sh.first_reach[r] = end;
+  }
+  __syncthreads();
+  int keep = 0;
+  if (ranked) {
+    int m;
+    if (topk > 0.0f) {
+      m = static_cast<int>(ceilf(fmul(topk, static_cast<float>(end))));
+    } else {
+      // the first m in [0, end] with cum_m >= τ·cum_end (cum_0 = 0)
+      const float target = fmul(tau, by_rank[end - 1]);
+      if (0.0f >= target) {
+        m = 0;
       } else {
-        // the first m in [0, end] with cum_m >= τ·cum_end (cum_0 = 0)
-        const float target = fmul(tau, sh.by_rank[end - 1]);
-        if (0.0f >= target) {
-          m = 0;
-        } else {
-          for (int k = tid; k < end; k += kSelectThreads)
-            if (sh.by_rank[k] >= target) atomicMin(&sh.first_reach, k + 1);
-          __syncthreads();
-          m = sh.first_reach;
-        }
+        for (int k = rt; k < end; k += kRowThreads)
+          if (by_rank[k] >= target) atomicMin(&sh.first_reach[r], k + 1);
+        m = -1;  // read after the barrier
       }
-      keep = min(max(m, 1), end);
     }
-    // The LUT row: the chosen blocks ascending (ballot per warp over consecutive blocks), then zeros.
-    int written = 0;
-    for (int j0 = 0; j0 < end; j0 += kSelectThreads) {
-      const int j = j0 + tid;
-      bool take = false;
-      if (j < end)
-        take = all || sh.rank[j] < keep || a.ksim[kv_row0 + j] < theta || (p.sink && j == 0) ||
-               (p.diagonal && j >= diag_b && j < diag_e);
-      const unsigned ballot = __ballot_sync(0xffffffffu, take);
-      if (lane == 0) sh.warp_count[warp] = __popc(ballot);
-      __syncthreads();
-      int before = written;
-      for (int k = 0; k < warp; ++k) before += sh.warp_count[k];
-      int step = 0;
-      for (int k = 0; k < kWarps; ++k) step += sh.warp_count[k];
-      if (take) p.indices[row * nkb + before + __popc(ballot & ((1u << lane) - 1u))] = j;
-      written += step;
-      __syncthreads();
-    }
-    for (int i = written + tid; i < nkb; i += kSelectThreads) p.indices[row * nkb + i] = 0;
-    if (tid == 0) p.counts[row] = written;
-    __syncthreads();  // the next row reuses rank, by_rank and first_reach
+    keep = m;
+  }
+  __syncthreads();
+  if (ranked) {
+    if (keep < 0) keep = sh.first_reach[r];
+    keep = min(max(keep, 1), end);
+  }
+  // The LUT row: the chosen blocks ascending (a ballot per warp over consecutive blocks), then zeros.
+  const int q0 = qb * bq, q1 = min(Nq, q0 + bq) - 1;
+  const int shift = Nk - Nq;  // keys at the query block's own positions: key blocks [diag_b, diag_e)
+  const int p0 = max(0, q0 + shift), p1 = min(Nk - 1, q1 + shift);
+  const int diag_b = p0 <= p1 ? p0 / bk : 0, diag_e = p0 <= p1 ? p1 / bk + 1 : 0;
+  int written = 0;
+  for (int j0 = 0; j0 < max_end; j0 += kRowThreads) {
+    const int j = j0 + rt;
+    bool take = false;
+    if (j < end)
+      take = all || rank[j] < keep || a.ksim[kv_row0 + j] < theta || (p.sink && j == 0) ||
+             (p.diagonal && j >= diag_b && j < diag_e);
+    const unsigned ballot = __ballot_sync(0xffffffffu, take);
+    if (lane == 0) sh.part_count[r][rw] = __popc(ballot);
+    __syncthreads();
+    const int before = written + (rw == 1 ? sh.part_count[r][0] : 0);
+    if (take) p.indices[row * nkb + before + __popc(ballot & ((1u << lane) - 1u))] = j;
+    written += sh.part_count[r][0] + sh.part_count[r][1];
+    __syncthreads();
+  }
+  if (active) {
+    for (int i = written + rt; i < nkb; i += kRowThreads) p.indices[row * nkb + i] = 0;
+    if (rt == 0) p.counts[row] = written;
   }
 }
 
@@ -517,7 +536,7 @@ cudaError_t launch_dim(const PoolArgs& a, cudaStream_t stream) {
 bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k) {
   const bool pow2 = head_dim >= 64 && head_dim <= 256 && (head_dim & (head_dim - 1)) == 0;
   const int most = kChunk << (kChunkLevels - 1);  // the chunk counter's top level
-  return pow2 && blocks_k <= kMaxKeyBlocks && block_q <= most && block_k <= most;
+  return pow2 && blocks_k <= kSelectMaxKeyBlocks && block_q <= most && block_k <= most;
 }
 
 std::size_t sparge_workspace_bytes(const SpargePredictParams& p) { return carve(p, nullptr); }

@@ -28,7 +28,7 @@ struct SpargePredictParams {
   int32_t* indices = nullptr;  // [B, Hq, nQB, nKB]
 };
 
-// Whether the kernels cover this problem (head dim 64, 128 or 256, at most 1024 key blocks, blocks of at most
+// Whether the kernels cover this problem (head dim 64, 128 or 256, at most 512 key blocks, blocks of at most
 // 32768 tokens); otherwise the runtime predicts on the host.
 bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k);
 std::size_t sparge_workspace_bytes(const SpargePredictParams& p);
