@@ -54,6 +54,20 @@ __device__ __forceinline__ int8_t quantize_int8(float x, float step, bool zero) 
 // amax of nonnegative floats through their bit patterns (ordered like unsigned ints).
 __device__ __forceinline__ void shared_max(unsigned* slot, float value) { atomicMax(slot, __float_as_uint(value)); }
 
+// The max of m over the `lanes` consecutive threads of one token row (lanes = D/8, a power of two <= 32), in
+// each of them. Only the row's lanes take part, so the rows of one warp may diverge. Reducing here first leaves
+// one shared atomic per row instead of one per thread (per-block groups put every atomic of a CTA on one word).
+__device__ __forceinline__ float row_lanes_max(float m, int lanes) {
+  const unsigned lane = threadIdx.x % 32;
+  const unsigned mask = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u) << (lane & ~(lanes - 1u));
+  for (int off = 1; off < lanes; off *= 2) m = fmaxf(m, __shfl_xor_sync(mask, m, off));
+  return m;
+}
+
+// Row stride of the transposed e4m3 V tile in shared memory: 4 bytes more than a tile row, so that the byte
+// stores of the 16 channel groups of a token land in different banks (a 64-byte stride put them all in one).
+constexpr int kVtRow = kBlockK + 4;
+
 template <bool Bf16>
 __global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessParams p) {
   extern __shared__ float stats_smem[];  // [rows][D] sums, then [rows][D] maxima
@@ -147,7 +161,8 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
       float m = 0.0f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i] - km[lane_c * 8 + i]));
-      shared_max(&amax_bits[per_thread ? r % 8 : 0], m);
+      m = row_lanes_max(m, lanes);
+      if (lane_c == 0) shared_max(&amax_bits[per_thread ? r % 8 : 0], m);
     }
   }
   __syncthreads();
@@ -189,15 +204,15 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
         uint8_t e = 0;
         if (token < p.tokens_k && vs[c] > 0.0f)
           e = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[i] / vs[c], __NV_SATFINITE, __NV_E4M3));
-        vt[c * kBlockK + pos] = e;
+        vt[c * kVtRow + pos] = e;
       }
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < D * (kBlockK / 16); i += kThreads) {
-    const int c = i / (kBlockK / 16), chunk = i % (kBlockK / 16);
-    *reinterpret_cast<uint4*>(p.v8t + (static_cast<int64_t>(bh) * D + c) * p.vt_stride + token0 + chunk * 16) =
-        *reinterpret_cast<const uint4*>(vt + c * kBlockK + chunk * 16);
+  for (int i = threadIdx.x; i < D * (kBlockK / 4); i += kThreads) {
+    const int c = i / (kBlockK / 4), word = i % (kBlockK / 4);
+    *reinterpret_cast<uint32_t*>(p.v8t + (static_cast<int64_t>(bh) * D + c) * p.vt_stride + token0 + word * 4) =
+        *reinterpret_cast<const uint32_t*>(vt + c * kVtRow + word * 4);
   }
 }
 
@@ -232,7 +247,8 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
       float m = 0.0f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i]));
-      shared_max(&amax_bits[local_group(r)], m);
+      m = row_lanes_max(m, lanes);
+      if (lane_c == 0) shared_max(&amax_bits[local_group(r)], m);
     }
   }
   __syncthreads();
@@ -283,7 +299,7 @@ cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   }
   {
     const dim3 grid((p.tokens_k + kBlockK - 1) / kBlockK, p.batch * p.heads_kv);
-    const size_t smem = 2 * D * sizeof(float) + (p.fp8_v ? D * kBlockK : 0);
+    const size_t smem = 2 * D * sizeof(float) + (p.fp8_v ? D * kVtRow : 0);
     quantize_kv_kernel<Bf16><<<grid, kThreads, smem, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
