@@ -111,7 +111,8 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   // Recorded into cmd_: transfer writes -> shader reads/writes; shader writes -> later shader reads/writes.
   void barrier_transfer_to_compute();
   void barrier_compute_to_compute();
-  // Milliseconds between two timestamps of queries_.
+  // The three timestamps of queries_ after the submitted work (waits for it), and milliseconds between two.
+  std::array<std::uint64_t, 3> timestamps();
   double device_ms(std::uint64_t from, std::uint64_t to) const;
 
   std::shared_ptr<Device> dev_;
@@ -231,6 +232,15 @@ void VulkanBackend::release(Buffer& buffer) {
   }
   reset_descriptors();
   dev_->destroy_buffer(buffer);
+}
+
+std::array<std::uint64_t, 3> VulkanBackend::timestamps() {
+  wait();
+  std::array<std::uint64_t, 3> ts{};
+  check(vkGetQueryPoolResults(vk_, queries_, 0, 3, sizeof(ts), ts.data(), sizeof(std::uint64_t),
+                              VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT),
+        "vkGetQueryPoolResults");
+  return ts;
 }
 
 double VulkanBackend::device_ms(std::uint64_t from, std::uint64_t to) const {
@@ -624,11 +634,7 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     p.stats->pv_skipped += counts[1];
   }
   if (timed) {
-    wait();
-    std::uint64_t ts[3] = {};
-    check(vkGetQueryPoolResults(vk_, queries_, 0, 3, sizeof(ts), ts, sizeof(std::uint64_t),
-                                VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT),
-          "vkGetQueryPoolResults");
+    const std::array<std::uint64_t, 3> ts = timestamps();
     timing_.total_ms = device_ms(ts[0], ts[2]);
     timing_.attention_ms = device_ms(ts[1], ts[2]);
   }
@@ -640,14 +646,14 @@ void VulkanBackend::attention(const AttentionProblem& p) {
 namespace {
 constexpr int kSpargeMaxKeyBlocks = 1024;  // MAX_KB of sparge_select
 constexpr int kSpargeMaxDim = 256;         // 64 threads x MAX_CH channels of sparge_pool
-constexpr int64_t kSpargeMaxTokens = (int64_t(1) << 24) - 1;  // what TREE_LEVELS = 24 sums
+constexpr int64_t kSpargeMaxBlock = int64_t(1) << 22;  // tree slots within TREE_LEVELS = 24
 }  // namespace
 
 bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   const auto& limits = dev_->properties().limits;
   const int D = sp.head_dim;
   const bool fits = D <= kSpargeMaxDim && sp.blocks_k <= kSpargeMaxKeyBlocks && sp.heads_q <= 4096 &&
-                    sp.tokens_q <= kSpargeMaxTokens && sp.tokens_k <= kSpargeMaxTokens &&
+                    sp.block_q <= kSpargeMaxBlock && sp.block_k <= kSpargeMaxBlock &&
                     std::uint32_t(std::max(sp.blocks_q, sp.blocks_k)) <= limits.maxComputeWorkGroupCount[0] &&
                     std::uint32_t(sp.heads_q) <= limits.maxComputeWorkGroupCount[1] &&
                     std::uint32_t(sp.batch) <= limits.maxComputeWorkGroupCount[2];
@@ -733,11 +739,7 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 2);
   submit();
   if (timed) {
-    wait();
-    std::uint64_t ts[3] = {};
-    check(vkGetQueryPoolResults(vk_, queries_, 0, 3, sizeof(ts), ts, sizeof(std::uint64_t),
-                                VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT),
-          "vkGetQueryPoolResults");
+    const std::array<std::uint64_t, 3> ts = timestamps();
     timing_.total_ms = device_ms(ts[0], ts[2]);
     timing_.attention_ms = 0;
   }

@@ -134,6 +134,16 @@ BlockSummary summarize_blocks(const float* x, int n, int d, int block, const flo
   return s;
 }
 
+Geometry geometry(int tokens_q, int tokens_k, const SpargeOptions& options) {
+  Geometry g;
+  g.tokens_q = tokens_q;
+  g.tokens_k = tokens_k;
+  g.block_q = options.block_q;
+  g.block_k = options.block_k;
+  g.causal = options.attention.causal;
+  return g;
+}
+
 namespace {
 // Key blocks [0, end) that query block qb sees.
 int valid_end(const Geometry& g, int qb) {
@@ -275,12 +285,7 @@ void select_blocks(const HeadMap& map, int qb, const SpargeParams& p, bool sink,
 
 Lut predict_lut(const HostTensor& q, const HostTensor& k, const SpargeOptions& options, float scale,
                 const std::vector<SpargeParams>& per_head) {
-  Geometry g;
-  g.tokens_q = q.tokens;
-  g.tokens_k = k.tokens;
-  g.block_q = options.block_q;
-  g.block_k = options.block_k;
-  g.causal = options.attention.causal;
+  const Geometry g = geometry(q.tokens, k.tokens, options);
   Lut lut;
   lut.batch = q.batch;
   lut.heads = q.heads;

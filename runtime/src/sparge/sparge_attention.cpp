@@ -78,12 +78,7 @@ detail::Operand contiguous_operand(const Tensor& t) {
 std::optional<BlockMask> predict_on_device(Context& ctx, const detail::AttentionProblem& p, const SpargeOptions& options,
                                            const std::vector<SpargeParams>& params, bool count_computed, Lut& lut) {
   if (host_predictor_forced()) return std::nullopt;
-  Geometry g;
-  g.tokens_q = p.tokens_q;
-  g.tokens_k = p.tokens_k;
-  g.block_q = options.block_q;
-  g.block_k = options.block_k;
-  g.causal = options.attention.causal;
+  const Geometry g = geometry(p.tokens_q, p.tokens_k, options);
   detail::SpargePredictProblem sp;
   sp.batch = p.batch, sp.heads_q = p.heads_q, sp.heads_kv = p.heads_kv;
   sp.tokens_q = p.tokens_q, sp.tokens_k = p.tokens_k, sp.head_dim = p.head_dim;
@@ -203,12 +198,7 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   sparge::Lut lut;
   std::optional<BlockMask> mask;
   if (all_dense) {
-    sparge::Geometry g;
-    g.tokens_q = p.tokens_q;
-    g.tokens_k = p.tokens_k;
-    g.block_q = options.block_q;
-    g.block_k = options.block_k;
-    g.causal = options.attention.causal;
+    const sparge::Geometry g = sparge::geometry(p.tokens_q, p.tokens_k, options);
     lut.valid = static_cast<int64_t>(p.batch) * p.heads_q * sparge::valid_blocks(g);
     lut.computed = lut.valid;
   } else {

@@ -52,6 +52,8 @@ struct Geometry {
   int blocks_q() const { return (tokens_q + block_q - 1) / block_q; }
   int blocks_k() const { return (tokens_k + block_k - 1) / block_k; }
 };
+// The blocks of Nq queries and Nk keys under the options (block sizes, causal).
+Geometry geometry(int tokens_q, int tokens_k, const SpargeOptions& options);
 
 // Σ over query blocks of the causally valid key blocks (nQB · nKB without causal).
 int64_t valid_blocks(const Geometry& g);

@@ -184,15 +184,7 @@ struct Tuner::Impl {
   TunerOptions topt;
   std::map<std::string, std::vector<Sample>> layers;
 
-  sparge::Geometry geometry(const Instance& in) const {
-    sparge::Geometry g;
-    g.tokens_q = in.nq;
-    g.tokens_k = in.nk;
-    g.block_q = options.block_q;
-    g.block_k = options.block_k;
-    g.causal = options.attention.causal;
-    return g;
-  }
+  sparge::Geometry geometry(const Instance& in) const { return sparge::geometry(in.nq, in.nk, options); }
   float scale(int d) const {
     return options.attention.scale > 0 ? options.attention.scale : 1.0f / std::sqrt(static_cast<float>(d));
   }
