@@ -1105,6 +1105,27 @@ void check_device_permutation(Context& gpu) {
   }
 }
 
+// A problem beyond the device predictor's limits (more than 1024 key blocks) is predicted on the host: the
+// result is the same LUT, and the statistics say where it ran.
+void check_device_fallback(Context& gpu) {
+  Context ref = Context::create(Backend::Reference);
+  const int N = 1025 * 64 + 7, D = 64;
+  Qkv x = random_inputs(1, 1, 1, N, D, 29);
+  SpargeOptions opt;
+  opt.block_q = 8192;
+  SpargeStats sg, sr;
+  Tensor gq = upload_as(gpu, x.q, 1, 1, N, D, DType::F16, Layout::HND);
+  Tensor gk = upload_as(gpu, x.k, 1, 1, N, D, DType::F16, Layout::HND);
+  Tensor rq = upload_as(ref, x.q, 1, 1, N, D, DType::F16, Layout::HND);
+  Tensor rk = upload_as(ref, x.k, 1, 1, N, D, DType::F16, Layout::HND);
+  const SpargeParams p = sp(0.0f, 0.5f);
+  LutHost lg = lut_of(gpu, predict_block_mask(gpu, gq, gk, opt, {p}, &sg));
+  LutHost lr = lut_of(ref, predict_block_mask(ref, rq, rk, opt, {p}, &sr));
+  CHECK_FALSE(sg.predicted_on_device);
+  CHECK(lg.counts == lr.counts);
+  CHECK(lg.indices == lr.indices);
+}
+
 TEST_CASE("device predictor (Vulkan): the reference's LUT bit for bit") {
   if (auto gpu = device_context(Backend::Vulkan)) check_device_predictor(*gpu);
 }
@@ -1114,11 +1135,17 @@ TEST_CASE("device predictor (Vulkan): sparge_attention with it equals the host p
 TEST_CASE("device permutation (Vulkan): matches the host and round-trips exactly") {
   if (auto gpu = device_context(Backend::Vulkan)) check_device_permutation(*gpu);
 }
+TEST_CASE("device predictor (Vulkan): beyond its limits the host predicts the same LUT") {
+  if (auto gpu = device_context(Backend::Vulkan)) check_device_fallback(*gpu);
+}
 TEST_CASE("device predictor (CUDA): the reference's LUT bit for bit") {
   if (auto gpu = device_context(Backend::Cuda)) check_device_predictor(*gpu);
 }
 TEST_CASE("device predictor (CUDA): sparge_attention with it equals the host predictor's") {
   if (auto gpu = device_context(Backend::Cuda)) check_device_sparge_attention(*gpu);
+}
+TEST_CASE("device predictor (CUDA): beyond its limits the host predicts the same LUT") {
+  if (auto gpu = device_context(Backend::Cuda)) check_device_fallback(*gpu);
 }
 TEST_CASE("device permutation (CUDA): matches the host and round-trips exactly") {
   if (auto gpu = device_context(Backend::Cuda)) check_device_permutation(*gpu);
