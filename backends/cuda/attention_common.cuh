@@ -146,12 +146,12 @@ __device__ __forceinline__ TileList setup_tile_list(const AttentionParams& p, in
   TileList tiles{p.mask_mode, limit, p.mask_tiles_k, 0, p.mask_blocks_k, nullptr, nullptr};
   if (p.mask_mode != static_cast<int>(MaskMode::None)) {
     const int mq = q0 / p.mask_block_q;
+    const int hm = hq / (p.heads_q / p.mask_heads);  // LUTs: Hm = Hq, or a bitmap's heads once made a LUT
     if (p.mask_mode == static_cast<int>(MaskMode::Lut)) {
-      const int64_t row = (static_cast<int64_t>(b) * p.heads_q + hq) * p.mask_blocks_q + mq;
+      const int64_t row = (static_cast<int64_t>(b) * p.mask_heads + hm) * p.mask_blocks_q + mq;
       tiles.count = min(max(__ldg(p.mask_counts + row), 0), p.mask_blocks_k);
       tiles.indices = p.mask_indices + row * p.mask_blocks_k;
     } else {
-      const int hm = hq / (p.heads_q / p.mask_heads);
       const int64_t row = (static_cast<int64_t>(b) * p.mask_heads + hm) * p.mask_blocks_q + mq;
       tiles.bits = p.mask_bitmap + row * p.mask_blocks_k;
     }

@@ -425,6 +425,14 @@ void CudaBackend::attention(const AttentionProblem& p) {
   w.partial_sum = take(cursor, kv_rows * pre.splits * D * sizeof(float));
   w.partial_vmax = take(cursor, kv_rows * pre.splits * D * sizeof(float));
   if (!v_in_place) w.v_copy = take(cursor, kv_rows * Nk * D * 2);
+  // A bitmap mask is walked as a LUT made on the device (cuda::launch_bitmap_to_lut).
+  const bool bitmap = p.mask_layout == MaskLayout::Bitmap;
+  const int64_t mask_rows = bitmap ? int64_t(B) * p.mask_heads * p.mask_blocks_q : 0;
+  std::size_t lut_counts_at = 0, lut_indices_at = 0;
+  if (bitmap) {
+    lut_counts_at = take(cursor, std::size_t(mask_rows) * sizeof(int32_t));
+    lut_indices_at = take(cursor, std::size_t(mask_rows) * std::size_t(p.mask_blocks_k) * sizeof(int32_t));
+  }
   const bool stage2 = !p.pv_threshold.empty();
   std::size_t pv_threshold_at = 0, pv_counters_at = 0;
   if (stage2) {
@@ -505,7 +513,9 @@ void CudaBackend::attention(const AttentionProblem& p) {
       a.mask_counts = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_counts));
       a.mask_indices = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_indices));
     } else {
-      a.mask_bitmap = reinterpret_cast<const uint8_t*>(operand_pointer(p.mask_bitmap));
+      a.mask_mode = static_cast<int>(cuda::MaskMode::Lut);
+      a.mask_counts = reinterpret_cast<const int32_t*>(ws + lut_counts_at);
+      a.mask_indices = reinterpret_cast<const int32_t*>(ws + lut_indices_at);
     }
   }
 
@@ -534,6 +544,13 @@ void CudaBackend::attention(const AttentionProblem& p) {
   if (Nk > 0) {
     if (const int e = cuda::launch_preprocess(pre, stream_); e != 0)
       cuda_fail(static_cast<cudaError_t>(e), "launching the preprocessing kernels");
+  }
+  if (bitmap) {
+    if (const int e = cuda::launch_bitmap_to_lut(reinterpret_cast<const uint8_t*>(operand_pointer(p.mask_bitmap)),
+                                                 mask_rows, p.mask_blocks_k, const_cast<int32_t*>(a.mask_counts),
+                                                 const_cast<int32_t*>(a.mask_indices), stream_);
+        e != 0)
+      cuda_fail(static_cast<cudaError_t>(e), "launching the bitmap-to-LUT kernel");
   }
   if (profiling_) check(cudaEventRecord(events_[1], stream_), "cudaEventRecord");
   if (const int e = kernel.launch(a, stream_); e != 0) {

@@ -331,6 +331,36 @@ int stats_splits(int batch, int heads_kv, int tokens_k, int multiprocessors) {
   return std::max(1, std::min({want, 64, (tokens_k + 255) / 256}));
 }
 
+namespace {
+// One warp per mask row: 32 bytes per step, set blocks compacted by ballot and popcount.
+__global__ void __launch_bounds__(kThreads) bitmap_to_lut_kernel(const uint8_t* bits, int64_t rows, int blocks_k,
+                                                                 int32_t* counts, int32_t* indices) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps
+  const uint8_t* in = bits + row * blocks_k;
+  int32_t* out = indices + row * blocks_k;
+  int count = 0;
+  for (int base = 0; base < blocks_k; base += 32) {
+    const int i = base + lane;
+    const bool set = i < blocks_k && in[i] != 0;
+    const unsigned found = __ballot_sync(0xffffffffu, set);
+    if (set) out[count + __popc(found & ((1u << lane) - 1u))] = i;
+    count += __popc(found);
+  }
+  if (lane == 0) counts[row] = count;
+}
+}  // namespace
+
+int launch_bitmap_to_lut(const uint8_t* bits, int64_t rows, int blocks_k, int32_t* counts, int32_t* indices,
+                         void* stream) {
+  if (rows <= 0) return 0;
+  const int64_t blocks = (rows * 32 + kThreads - 1) / kThreads;
+  bitmap_to_lut_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      bits, rows, blocks_k, counts, indices);
+  return static_cast<int>(cudaGetLastError());
+}
+
 int launch_preprocess(const PreprocessParams& params, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(params.in_bf16 ? launch_all<true>(params, s) : launch_all<false>(params, s));

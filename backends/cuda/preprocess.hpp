@@ -50,4 +50,10 @@ int stats_splits(int batch, int heads_kv, int tokens_k, int multiprocessors);
 // Enqueues the preprocessing kernels on `stream` (a cudaStream_t); returns a cudaError_t as an int.
 int launch_preprocess(const PreprocessParams& params, void* stream);
 
+// A bitmap block mask [rows][blocks_k] (bytes, nonzero = computed) as the LUT the kernels walk: counts[rows] and
+// indices[rows][blocks_k] (ascending, only the first counts[row] written). The kernels walk a LUT with the next
+// entry already loaded; a bitmap would need a dependent scan per block.
+int launch_bitmap_to_lut(const uint8_t* bits, int64_t rows, int blocks_k, int32_t* counts, int32_t* indices,
+                         void* stream);
+
 }  // namespace sparq::cuda
