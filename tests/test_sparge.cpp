@@ -929,6 +929,7 @@ struct PredCase {
   Layout layout = Layout::HND;
   std::vector<SpargeParams> params = {SpargeParams{}};
   PredInput input = PredInput::Grid;
+  int row_pad = 0;  // > 0: q and k are views whose rows are padded by this many elements (HND)
 };
 
 SpargeParams sp(float theta, float tau, float topk = 0.0f, bool dense = false) {
@@ -964,6 +965,9 @@ std::vector<PredCase> predictor_cases() {
   c.push_back({"NHD layout, tau 1", 1, 2, 2, 777, 777, 64});
   c.back().layout = Layout::NHD;
   c.back().params = {sp(0.4f, 1.0f)};
+  c.push_back({"strided rows (padded by 4), D = 128", 2, 4, 2, 555, 700, 128});
+  c.back().row_pad = 4;
+  c.back().params = {sp(0.3f, 0.9f)};
   return c;
 }
 
@@ -994,19 +998,24 @@ void predictor_inputs(const PredCase& c, std::vector<float>& q, std::vector<floa
   }
 }
 
-Tensor upload_as(Context& ctx, const std::vector<float>& x, int B, int H, int N, int D, DType dtype, Layout layout) {
-  std::vector<uint16_t> bits(x.size());
+// x: HND [B, H, N, D] fp32. pad > 0 (HND only): a view of rows of D + pad elements.
+Tensor upload_as(Context& ctx, const std::vector<float>& x, int B, int H, int N, int D, DType dtype, Layout layout,
+                 int pad = 0) {
+  const int W = D + pad;  // elements per stored row
+  std::vector<uint16_t> bits(static_cast<std::size_t>(B) * H * N * W, 0);
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h)
       for (int n = 0; n < N; ++n)
         for (int c = 0; c < D; ++c) {
           const float e = x[((static_cast<std::size_t>(b) * H + h) * N + n) * D + c];
-          const std::size_t at = layout == Layout::HND ? ((static_cast<std::size_t>(b) * H + h) * N + n) * D + c
-                                                       : ((static_cast<std::size_t>(b) * N + n) * H + h) * D + c;
+          const std::size_t at = layout == Layout::HND ? ((static_cast<std::size_t>(b) * H + h) * N + n) * W + c
+                                                       : ((static_cast<std::size_t>(b) * N + n) * H + h) * W + c;
           bits[at] = dtype == DType::BF16 ? reference::float_to_bf16(e) : reference::float_to_half(e);
         }
-  if (layout == Layout::HND) return ctx.from_host(dtype, {B, H, N, D}, bits.data());
-  return ctx.from_host(dtype, {B, N, H, D}, bits.data());
+  if (layout == Layout::NHD) return ctx.from_host(dtype, {B, N, H, D}, bits.data());
+  Tensor t = ctx.from_host(dtype, {B, H, N, W}, bits.data());
+  if (pad == 0) return t;
+  return t.view({B, H, N, D}, {int64_t(H) * N * W, int64_t(N) * W, W, 1});
 }
 
 void check_device_predictor(Context& gpu) {
@@ -1024,10 +1033,10 @@ void check_device_predictor(Context& gpu) {
     opt.attention.causal = c.causal;
     opt.attention.layout = c.layout;
     SpargeStats sg, sr;
-    Tensor gq = upload_as(gpu, q, c.B, c.Hq, c.Nq, c.D, dtype, c.layout);
-    Tensor gk = upload_as(gpu, k, c.B, c.Hkv, c.Nk, c.D, dtype, c.layout);
-    Tensor rq = upload_as(ref, q, c.B, c.Hq, c.Nq, c.D, dtype, c.layout);
-    Tensor rk = upload_as(ref, k, c.B, c.Hkv, c.Nk, c.D, dtype, c.layout);
+    Tensor gq = upload_as(gpu, q, c.B, c.Hq, c.Nq, c.D, dtype, c.layout, c.row_pad);
+    Tensor gk = upload_as(gpu, k, c.B, c.Hkv, c.Nk, c.D, dtype, c.layout, c.row_pad);
+    Tensor rq = upload_as(ref, q, c.B, c.Hq, c.Nq, c.D, dtype, c.layout, c.row_pad);
+    Tensor rk = upload_as(ref, k, c.B, c.Hkv, c.Nk, c.D, dtype, c.layout, c.row_pad);
     LutHost lg = lut_of(gpu, predict_block_mask(gpu, gq, gk, opt, c.params, &sg));
     LutHost lr = lut_of(ref, predict_block_mask(ref, rq, rk, opt, c.params, &sr));
     CHECK(sg.predicted_on_device);
@@ -1089,6 +1098,11 @@ void check_device_permutation(Context& gpu) {
       const auto order = hilbert_order(1, 12, 23);  // 276 tokens: the last 25 stay in place
       Tensor a = gpu.from_host(dtype, shape, src.data());
       Tensor p = gpu.empty(dtype, shape), back = gpu.empty(dtype, shape);
+      if (layout == Layout::HND && dtype == DType::BF16) {
+        // a destination view with padded rows (strided tokens) for the forward permutation
+        Tensor wide = gpu.empty(dtype, {B, H, N, D + 4});
+        p = wide.view(shape, {int64_t(H) * N * (D + 4), int64_t(N) * (D + 4), D + 4, 1});
+      }
       permute_tokens(gpu, a, p, order, layout);
       permute_tokens(gpu, p, back, inverse_permutation(order), layout);
       Tensor ha = host.from_host(dtype, shape, src.data());
