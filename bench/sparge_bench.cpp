@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -262,7 +263,7 @@ int main(int argc, char** argv) {
 
       if (!a.lut_dir.empty()) {
         const std::string dir = a.lut_dir + "/tau" + std::to_string(ti);
-        std::system(("mkdir -p '" + dir + "'").c_str());
+        std::filesystem::create_directories(dir);
         const auto& cs = mask.counts().shape();
         const auto& is = mask.indices().shape();
         std::vector<int32_t> counts(static_cast<std::size_t>(mask.counts().numel())),
