@@ -336,13 +336,13 @@ TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
   } catch (const Error& e) {
     CHECK(e.status() == Status::InvalidArgument);
   }
-  // The sm90a path has four kernel choices (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_KERNEL, read per launch.
+  // The sm90a path has three kernel choices (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_KERNEL, read per launch.
   const char* previous_kernel = std::getenv("SPARQ_SM90_KERNEL");
   const std::string saved_kernel = previous_kernel ? previous_kernel : "";
   for (const char* path : {"sm80", "sm89", "sm90a"}) {
     setenv("SPARQ_CUDA_PATH", path, 1);
     Context ctx = Context::create(Backend::Cuda);
-    for (const char* kernel : {"serial", "ws", "ws-free", "ws2"}) {
+    for (const char* kernel : {"serial", "ws", "ws-free"}) {
       if (std::string(path) != "sm90a" && std::string(kernel) != "serial") continue;
       setenv("SPARQ_SM90_KERNEL", kernel, 1);
       for (PVPrecision pv : {PVPrecision::Fp16, PVPrecision::Fp8})

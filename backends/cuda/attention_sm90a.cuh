@@ -13,7 +13,7 @@
 // memory) -> O = O·alpha + tile (two-level accumulation, as on the sm89 path). The other CTAs of the SM fill the
 // tensor cores while one runs its softmax.
 //
-// attention_sm90_ws_kernel ("ws"): warp-specialized, a producer warpgroup and 2 or 3 pipelined consumer
+// attention_sm90_ws_kernel ("ws"): warp-specialized, a producer warpgroup and 2 pipelined consumer
 // warpgroups (its comment below). Correct and tested, but slower than the kernel above on the H100 (bench/
 // RESULTS.md says by how much and why), so it runs only when SPARQ_SM90_KERNEL asks for it.
 //
@@ -237,29 +237,29 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
 
 // ==== The warp-specialized kernel ==================================================================================
 //
-// One CTA = one producer warpgroup + Consumers consumer warpgroups (2, or 3 where the registers allow: D <= 64);
-// consumer c computes the 64 query rows q0 + 64c .. q0 + 64c + 63 with the numerics of the kernel above, so
-// every K/Vᵀ tile the CTA loads serves 64·Consumers rows (half or a third of the L2 -> shared-memory traffic per
-// query row of 64-row CTAs, which at ~1000 TOPS would need ~8 TB/s).
-// - Producer: one thread (warp 0 walks the tile list) issues bulk tensor copies (TMA) of Q once and of each key tile's K (INT8, 128B/64B
-//   swizzle) and Vᵀ (e4m3, 64B swizzle) into a ring of kStages stages; full[s] completes when a stage's bytes
-//   have landed, empty[s] when every consumer warp is done with it. The TMA writes the swizzled layout of
-//   SwizzledTile, which the wgmma descriptors read (tiles at 1024-byte aligned addresses).
+// One CTA = one producer warpgroup + 2 consumer warpgroups; consumer c computes the 64 query rows
+// q0 + 64c .. q0 + 64c + 63 with the numerics of the kernel above, so every K/Vᵀ tile the CTA loads serves 128
+// rows (half the L2 -> shared-memory traffic per query row of 64-row CTAs, which at ~1000 TOPS would need
+// ~8 TB/s).
+// - Producer: warp 0 walks the tile list and its lane 0 issues bulk tensor copies (TMA) of Q once and of each
+//   key tile's K (INT8, 128B/64B swizzle) and Vᵀ (e4m3, 64B swizzle) into a ring of kStages stages; full[s]
+//   completes when a stage's bytes have landed, empty[s] when every consumer warp is done with it. The TMA
+//   writes the swizzled layout of SwizzledTile, which the wgmma descriptors read (1024-byte aligned tiles).
 // - Registers move from the producer (which needs few) to the consumers (setmaxnreg): O, the per-tile P·V
 //   accumulator, the next S and P are live at once.
 // - Each consumer pipelines its tiles: S(j) = Q·K(j)ᵀ and P(j-1)·V(j-1) are issued together, the softmax of
 //   S(j) runs while P(j-1)·V(j-1) is on the tensor cores, then tile j-1 is folded into O. The other consumer's
 //   work fills the remaining gaps.
 // - All consumers walk the CTA's tile list (causal: cut at the CTA's last row; the rows of the first consumers
-//   see -inf in the one tile past their diagonal). Block masks must therefore have blocks of a multiple of the
-//   CTA's rows (the host takes the 64-row kernel above for others).
+//   see -inf in the one tile past their diagonal). Block masks must therefore have blocks of a multiple of 128
+//   rows; the host takes the 64-row kernel above for others, and for the stage-2 P·V skip.
 // - The softmax takes the row max of unmasked tiles from the s32 accumulator (tile_row_max_s32), otherwise the
 //   arithmetic of the other paths (docs/NUMERICS.md), so the results match the emulation as theirs do.
-template <int D, int Consumers>
+template <int D>
 struct Sm90WsConfig {
-  static constexpr int kConsumers = Consumers;
-  static constexpr int kBlockQ = 64 * Consumers;
-  static constexpr int kThreads = 128 * (Consumers + 1);
+  static constexpr int kConsumers = 2;
+  static constexpr int kBlockQ = 64 * kConsumers;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
   using KTile = SwizzledTile<kBlockK, D>;  // [key][channel] int8
   using VTile = SwizzledTile<D, kBlockK>;  // [channel][key] e4m3
   using QTile = SwizzledTile<kBlockQ, D>;
@@ -272,17 +272,18 @@ struct Sm90WsConfig {
   static constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters =
-      (kEntryRegisters * kThreads - kProducerRegisters * 128) / (128 * Consumers) / 8 * 8;
+      (kEntryRegisters * kThreads - kProducerRegisters * 128) / (128 * kConsumers) / 8 * 8;
   static_assert(kConsumerRegisters <= 256, "setmaxnreg takes at most 256");
   static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 };
 
-template <int D, int Consumers, bool Stage2, bool Turns>
-__global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
+template <int D, bool Turns>
+__global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
     attention_sm90_ws_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
                              const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = Sm90WsConfig<D, Consumers>;
+  using Cfg = Sm90WsConfig<D>;
+  constexpr int Consumers = Cfg::kConsumers;
   using KTile = typename Cfg::KTile;
   using QTile = typename Cfg::QTile;
   constexpr int kBlockQ = Cfg::kBlockQ;
@@ -329,14 +330,18 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
       }
       const int kv_row = b * p.heads_kv + hkv;
       TileCursor loader = TileCursor::first(tiles);
-      for (int i = 0; loader.tile >= 0; ++i, loader.next(tiles)) {
-        const int stage = i % kStages;
-        if (i >= kStages) mbarrier_wait(empty_bar(stage), (i / kStages - 1) & 1);
+      int stage = 0, round = 0;  // tile i goes to stage i % kStages in round i / kStages
+      for (; loader.tile >= 0; loader.next(tiles)) {
+        if (round > 0) mbarrier_wait(empty_bar(stage), (round - 1) & 1);  // the consumers released it
         if (leader) {
           const uint32_t k_dst = smem_base + stage * kStageBytes;
           mbarrier_arrive_expect_tx(full_bar(stage), kStageBytes);
           tma_load_3d(k_dst, &k_map, full_bar(stage), 0, loader.tile * kBlockK, kv_row);
           tma_load_3d(k_dst + KTile::kBytes, &v_map, full_bar(stage), loader.tile * kBlockK, 0, kv_row);
+        }
+        if (++stage == kStages) {
+          stage = 0;
+          ++round;
         }
       }
     }
@@ -356,9 +361,6 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
   for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
-  constexpr bool pv_skip = Stage2;
-  const float pv_lambda = pv_skip ? p.pv_threshold[hq] : 0.0f;
-  unsigned pv_skipped = 0, pv_total = 0;  // 32-bit: a warp visits < 2^32 tiles, and registers are tight
 
   mbarrier_wait(q_bar, 0);
   // Descriptors of stage 0; a stage's are these plus its offset >> 4 in the address field (below 2^18 bytes,
@@ -386,9 +388,7 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
     }
     wgmma_commit();
   };
-  // The softmax of tile `tile` from its S accumulator: P(·448) as e4m3 fragments and alpha. A warp that skips
-  // the tile (stage 2) leaves P = 0 and alpha = 1; the warpgroup's P·V still runs (a conditionally issued wgmma
-  // serializes the whole pipeline, and the exponentials it skips are what costs).
+  // The softmax of tile `tile` from its S accumulator: P(·448) as e4m3 fragments and alpha.
   auto softmax = [&](int tile, const int (&acc)[32], float s0, float s1, uint32_t (&pa)[2][4], float (&alpha)[2]) {
     float s[8][4];
     float tile_max[2];
@@ -400,16 +400,8 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
     } else {
       tile_row_max_s32(n_tiles(acc), s0, s1, tile_max);
     }
-    bool warp_skip = false;
-    if constexpr (pv_skip)
-      warp_skip = stage2_skips_tile(tile_max, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total);
-    alpha[0] = alpha[1] = 1.0f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) pa[0][i] = pa[1][i] = 0u;
-    if (!warp_skip) {
-      online_softmax_update<true>(s, tile_max, row_max, row_sum, alpha);
-      pack_p_e4m3(s, pa);
-    }
+    online_softmax_update<true>(s, tile_max, row_max, row_sum, alpha);
+    pack_p_e4m3(s, pa);
   };
 
   // Per tile j: issue S(j) = Q·K(j)ᵀ and P(j-1)·V(j-1) together, run the softmax of S(j) while P(j-1)·V(j-1)
@@ -418,7 +410,7 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
   // results carried across iterations): after the last tile, S is computed once more from the last stage and
   // dropped.
   TileCursor walker = TileCursor::first(tiles);
-  int tile = walker.tile;
+  const int tile = walker.tile;
   // Turns, round robin: consumer c issues after bar.sync on barrier 1 + c, then lets the next one go (bar.arrive
   // on its barrier); the last consumer starts by letting consumer 0 go and skips its last hand-over, which nobody
   // waits for. All walk the same tile list, so their turns pair up.
@@ -490,8 +482,6 @@ __global__ void __launch_bounds__(Sm90WsConfig<D, Consumers>::kThreads, 1)
       }
     }
   }
-  add_stage2_counters(p, lane, pv_skipped, pv_total);
-
   float inv[2];
   finish_row_sums(row_sum, inv);
   const float* v_scale = p.v_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * D;
@@ -560,42 +550,24 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
   return static_cast<int>(cudaGetLastError());
 }
 
-template <int D, int Consumers, bool Turns, bool Stage2>
-int launch_attention_sm90_ws(const AttentionParams& params, void* stream) {
-  return launch_tma_kernel<Sm90WsConfig<D, Consumers>, D>(attention_sm90_ws_kernel<D, Consumers, Stage2, Turns>,
-                                                          params, stream);
-}
-
 // Which sm90a kernel runs: SPARQ_SM90_KERNEL=serial (the default, the one-warpgroup kernel), ws (warp-specialized,
-// consumers taking turns; block masks whose blocks are not a multiple of 128 rows take the serial kernel), ws-free
-// (without the turns) or ws2 (two consumers at every head dim). Read per launch, so tests can switch.
+// consumers taking turns) or ws-free (without the turns). Block masks whose blocks are not a multiple of 128 rows
+// and the stage-2 P·V skip always take the serial kernel. Read per launch, so tests can switch.
 inline const char* sm90_kernel_choice() {
   const char* e = std::getenv("SPARQ_SM90_KERNEL");
   return e == nullptr || *e == '\0' ? "serial" : e;
 }
 
-template <int D, bool Turns>
-int launch_attention_sm90_ws_choice(const AttentionParams& params, void* stream, bool wide) {
-  // Three consumers where their registers suffice (D <= 64, without stage 2's counters); two otherwise.
-  constexpr int kWide = D <= 64 ? 3 : 2;
-  if (params.pv_threshold != nullptr) return launch_attention_sm90_ws<D, 2, Turns, true>(params, stream);
-  if (wide) return launch_attention_sm90_ws<D, kWide, Turns, false>(params, stream);
-  return launch_attention_sm90_ws<D, 2, Turns, false>(params, stream);
-}
-
 template <int D>
 int launch_attention_sm90(const AttentionParams& params, void* stream) {
   const std::string_view choice = sm90_kernel_choice();
-  const bool masked = params.mask_mode != static_cast<int>(MaskMode::None);
-  if ((choice != "ws" && choice != "ws-free" && choice != "ws2") || (masked && params.mask_block_q % 128 != 0)) {
-    if (params.pv_threshold != nullptr)
-      return launch_tma_kernel<Sm90Config<D>, D>(attention_sm90_kernel<D, true>, params, stream);
-    return launch_tma_kernel<Sm90Config<D>, D>(attention_sm90_kernel<D, false>, params, stream);
-  }
-  // A block mask needs the CTA's rows (64 per consumer) to divide its blocks.
-  const bool wide = choice != "ws2" && (!masked || params.mask_block_q % 192 == 0);
-  if (choice == "ws-free") return launch_attention_sm90_ws_choice<D, false>(params, stream, wide);
-  return launch_attention_sm90_ws_choice<D, true>(params, stream, wide);
+  const bool ws = (choice == "ws" || choice == "ws-free") && params.pv_threshold == nullptr &&
+                  (params.mask_mode == static_cast<int>(MaskMode::None) || params.mask_block_q % 128 == 0);
+  if (ws && choice == "ws") return launch_tma_kernel<Sm90WsConfig<D>, D>(attention_sm90_ws_kernel<D, true>, params, stream);
+  if (ws) return launch_tma_kernel<Sm90WsConfig<D>, D>(attention_sm90_ws_kernel<D, false>, params, stream);
+  if (params.pv_threshold != nullptr)
+    return launch_tma_kernel<Sm90Config<D>, D>(attention_sm90_kernel<D, true>, params, stream);
+  return launch_tma_kernel<Sm90Config<D>, D>(attention_sm90_kernel<D, false>, params, stream);
 }
 
 }  // namespace sparq::cuda

@@ -503,7 +503,7 @@ void CudaBackend::attention(const AttentionProblem& p) {
   a.granularity = gran;
   a.causal = p.causal;
   if (p.mask_layout != MaskLayout::None) {
-    a.mask_mode = static_cast<int>(p.mask_layout == MaskLayout::Lut ? cuda::MaskMode::Lut : cuda::MaskMode::Bitmap);
+    a.mask_mode = static_cast<int>(cuda::MaskMode::Lut);
     a.mask_heads = p.mask_heads;
     a.mask_blocks_q = p.mask_blocks_q;
     a.mask_blocks_k = p.mask_blocks_k;
@@ -513,7 +513,6 @@ void CudaBackend::attention(const AttentionProblem& p) {
       a.mask_counts = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_counts));
       a.mask_indices = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_indices));
     } else {
-      a.mask_mode = static_cast<int>(cuda::MaskMode::Lut);
       a.mask_counts = reinterpret_cast<const int32_t*>(ws + lut_counts_at);
       a.mask_indices = reinterpret_cast<const int32_t*>(ws + lut_indices_at);
     }

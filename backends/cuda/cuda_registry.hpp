@@ -15,7 +15,8 @@ constexpr int kAttentionBlockQ = 64;
 constexpr int kBlockK = 64;
 
 enum class Granularity : int { PerBlock = 0, PerWarp = 1, PerThread = 2 };
-enum class MaskMode : int { None = 0, Lut = 1, Bitmap = 2 };
+// Bitmap masks reach the kernels as a LUT (the backend converts them on the device).
+enum class MaskMode : int { None = 0, Lut = 1 };
 
 // What one attention launch reads and writes. Quantized operands live in the backend's workspace:
 //   q8 [B, Hq, Nq, D] int8, k8 [B, Hkv, Nk, D] int8 (contiguous),
@@ -50,7 +51,6 @@ struct AttentionParams {
   int mask_blocks_q = 0, mask_blocks_k = 0;
   int mask_block_q = kAttentionBlockQ;  // rows of a mask block (a multiple of the kernel's BLOCK_Q)
   int mask_tiles_k = 1;        // mask block columns / BLOCK_K
-  const uint8_t* mask_bitmap = nullptr;    // [B, Hm, nQB, nKB]
   const int32_t* mask_counts = nullptr;    // [B, Hq, nQB]
   const int32_t* mask_indices = nullptr;   // [B, Hq, nQB, nKB]
 
