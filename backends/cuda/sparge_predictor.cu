@@ -135,8 +135,10 @@ struct PoolArgs {
 // Token norms: a sub-tree over its 8 channels, then a butterfly over the G threads of the row group; sums over
 // tokens: a sub-tree over its 8 tokens, then the 8 token groups combined per channel through shared memory, and
 // the chunks through a ChunkCounter. Missing token slots (past the sequence, or padding to a power of two) are +0.
+// 4 CTAs of 128 threads per SM at D128 (128 registers, no spill): at 168 registers only 3 fit, too few loads in
+// flight. (A raw-sum-only instantiation with fewer registers spilled its chunk counters.)
 template <bool Bf16, int G>
-__global__ void __launch_bounds__(8 * G) pool_kernel(const PoolArgs a) {
+__global__ void __launch_bounds__(8 * G, 512 / (8 * G)) pool_kernel(const PoolArgs a) {
   constexpr int D = 8 * G;
   __shared__ float part_s[8][D];  // per token group: 8-token sub-tree of every channel
   __shared__ float part_u[8][D];
