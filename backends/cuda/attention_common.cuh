@@ -145,14 +145,17 @@ struct KvSources {
 
 // Q (INT8) once into shared memory at q_smem, in the first cp.async group; then the first Stages-1 tiles of the
 // list, one group each (committed even when the list is shorter, so that the kernels' group counts hold).
-// load_tile(tile, stage) issues the copies of one key tile.
+// load_tile(tile, stage) issues the copies of one key tile; thread 0 records each stage's tile in stage_tile
+// (-1 past the list's end), which the other threads read once a barrier has passed.
 template <typename QTile, int Threads, int D, int Stages, typename LoadTile>
 __device__ __forceinline__ void start_pipeline(const AttentionParams& p, int b, int hq, int q0, uint32_t q_smem,
-                                               const TileList& tiles, TileCursor& loader, LoadTile& load_tile) {
+                                               const TileList& tiles, TileCursor& loader, LoadTile& load_tile,
+                                               int* stage_tile) {
   const int8_t* q8 = p.q8 + ((static_cast<int64_t>(b) * p.heads_q + hq) * p.tokens_q + q0) * D;
   QTile::template load<Threads>(q_smem, reinterpret_cast<const unsigned char*>(q8), D, p.tokens_q - q0);
 #pragma unroll
   for (int s = 0; s < Stages - 1; ++s) {
+    if (threadIdx.x == 0) stage_tile[s] = loader.tile;
     if (loader.tile >= 0) {
       load_tile(loader.tile, s);
       loader.next(tiles);

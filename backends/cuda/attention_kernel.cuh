@@ -7,8 +7,8 @@
 // 16-byte chunks, conflict-free ldmatrix).
 // Per key tile: S = Q8·K8ᵀ (int32, m16n8k32) -> dequantized base-2 logits -> online softmax -> P·V
 // (m16n8k32 e4m3 with a per-tile accumulator added into O, or m16n8k16 fp16/bf16 straight into O).
-// The key tiles visited come from a walker over the dense range, a LUT or a bitmap, cut at the causal limit,
-// so a skipped tile costs one index read. Numerics: docs/NUMERICS.md.
+// The key tiles visited come from a cursor over the dense range or a LUT (bitmaps arrive as LUTs), cut at the
+// causal limit, so a skipped tile costs one index read. Numerics: docs/NUMERICS.md.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -73,7 +73,7 @@ struct AttentionConfig {
   static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
   // 3 stages while they fit in 96 KB; 2 for 4-warp FP16 P·V so that 3 CTAs (12 warps) share an SM.
   static constexpr int kStages = (Warps == 4 && !kFp8) || 3 * kStageBytes > 96 * 1024 ? 2 : 3;
-  static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + 4 * kStages;  // + each stage's tile
   static constexpr int kThreads = Warps * 32;
   // CTAs per SM the registers must allow: 8 warps -> 1 (2 for D64); 4 warps -> 3 (4 for D64); 1 above D128.
   static constexpr int kMinBlocks = D > 128 ? 1 : Warps == 8 ? (D <= 64 ? 2 : 1) : (D <= 64 ? 4 : 3);
@@ -106,9 +106,10 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
   const int q0 = rc.q0, warp_row0 = rc.warp_row0, causal_offset = rc.causal_offset;
 
   // ---- which key tiles this CTA visits -----------------------------------------------------------------
+  // One cursor, the loader's (kStages - 1 tiles ahead); the tile in each stage is kept in shared memory, so the
+  // consumers need no cursor of their own (its registers made the FP16 D128 kernel spill).
   const TileList tiles = setup_tile_list<kBlockQ>(p, b, hq, q0, causal_offset);
-  TileCursor walker = TileCursor::first(tiles);
-  TileCursor loader = walker;
+  TileCursor loader = TileCursor::first(tiles);
 
   // ---- global sources -----------------------------------------------------------------------------------
   const KvSources<D, kFp8> kv(p, b, hkv);
@@ -125,7 +126,8 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
 
   // Q (INT8) once into shared memory, in the first cp.async group; then the first kStages-1 key tiles.
   const uint32_t q_smem = smem_base + kStages * Cfg::kStageBytes;
-  start_pipeline<QTile, Cfg::kThreads, D, kStages>(p, b, hq, q0, q_smem, tiles, loader, load_tile);
+  int* const stage_tile = reinterpret_cast<int*>(smem + kStages * Cfg::kStageBytes + QTile::kBytes);
+  start_pipeline<QTile, Cfg::kThreads, D, kStages>(p, b, hq, q0, q_smem, tiles, loader, load_tile, stage_tile);
 
   const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, tiles.limit);
 
@@ -144,18 +146,23 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
   const float pv_lambda = pv_skip ? p.pv_threshold[hq] : 0.0f;
   unsigned long long pv_skipped = 0, pv_total = 0;  // stage-2 statistics of this warp
 
-  for (int it = 0; walker.tile >= 0; ++it) {
+  for (int it = 0;; ++it) {
     cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (loader.tile >= 0) {
-      load_tile(loader.tile, (it + kStages - 1) % kStages);
-      loader.next(tiles);
+    __syncthreads();  // the tile is in shared memory, and its stage_tile entry written (before an earlier barrier)
+    const int stage = it % kStages;
+    const int tile = stage_tile[stage];
+    if (tile < 0) break;  // uniform
+    {
+      // The stage of tile it - 1, which every thread has finished with (the barrier above).
+      const int refill = (it + kStages - 1) % kStages;
+      if (threadIdx.x == 0) stage_tile[refill] = loader.tile;
+      if (loader.tile >= 0) {
+        load_tile(loader.tile, refill);
+        loader.next(tiles);
+      }
     }
     cp_async_commit();
 
-    const int tile = walker.tile;
-    walker.next(tiles);  // here, so that a tile skipped by stage 2 can `continue`
-    const int stage = it % kStages;
     const uint32_t k_smem = smem_base + stage * Cfg::kStageBytes;
     const uint32_t v_smem = k_smem + KTile::kBytes;
 
