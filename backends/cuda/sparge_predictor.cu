@@ -45,6 +45,16 @@ __device__ __forceinline__ float fsub(float a, float b) {
   return r;
 }
 __device__ __forceinline__ float fmul(float a, float b) { return ftz(__fmul_rn(a, b)); }
+// The products of the pooling loop, v·v and v·(1/‖row‖), where the flush never applies to fp16 inputs, so one
+// FMUL is the exact operation: fp16 values are multiples of 2^-24, so are their tree sums, so a K mean is 0 or
+// at least 2^-24/2^31 = 2^-55; a difference k − mean is then 0, or at least the fp32 spacing near k (>= 2^-48),
+// or |mean| (k = 0); so every nonzero v has |v| >= 2^-55, v·v >= 2^-110, and v/‖row‖ >= 2^-55/2^21 (‖row‖ of
+// fp16 values <= 2^21) — all normal. bf16 reaches 2^-133, so it keeps the flush.
+template <bool Bf16>
+__device__ __forceinline__ float fmul_pool(float a, float b) {
+  if constexpr (Bf16) return fmul(a, b);
+  else return __fmul_rn(a, b);
+}
 
 __device__ __forceinline__ float rsqrt_exact(float x) {
   float y = __uint_as_float(0x5f3759dfu - (__float_as_uint(x) >> 1));
@@ -138,7 +148,7 @@ struct PoolArgs {
 // 4 CTAs of 128 threads per SM at D128 (128 registers, no spill): at 168 registers only 3 fit, too few loads in
 // flight. (A raw-sum-only instantiation with fewer registers spilled its chunk counters.)
 template <bool Bf16, int G>
-__global__ void __launch_bounds__(8 * G, 512 / (8 * G)) pool_kernel(const PoolArgs a) {
+__global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolArgs a) {
   constexpr int D = 8 * G;
   __shared__ float part_s[8][D];  // per token group: 8-token sub-tree of every channel
   __shared__ float part_u[8][D];
@@ -174,13 +184,24 @@ __global__ void __launch_bounds__(8 * G, 512 / (8 * G)) pool_kernel(const PoolAr
       continue;
     }
     float v[8][8];  // [token][channel]
+    // The 8 rows' 16-byte loads are all issued before any is used (predicated, not branched), so each thread
+    // has 128 bytes in flight.
+    uint4 raw8[8];
+    if (vec) {
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+        const int t = c0 + tg * 8 + r;
+        const uint16_t* row = base + static_cast<int64_t>(t < t1 ? t : t0) * x.stride_t + cg * 8;
+        raw8[r] = __ldg(reinterpret_cast<const uint4*>(row));
+        if (t >= t1) raw8[r] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
 #pragma unroll
     for (int r = 0; r < 8; ++r) {
       const int t = c0 + tg * 8 + r;
       const uint16_t* row = base + static_cast<int64_t>(t) * x.stride_t + cg * 8;
-      if (t < t1 && vec) {
-        const uint4 raw8 = *reinterpret_cast<const uint4*>(row);
-        const uint32_t w[4] = {raw8.x, raw8.y, raw8.z, raw8.w};
+      if (vec) {
+        const uint32_t w[4] = {raw8[r].x, raw8[r].y, raw8[r].z, raw8[r].w};
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const uint16_t bits = static_cast<uint16_t>(i % 2 ? w[i / 2] >> 16 : w[i / 2] & 0xffffu);
@@ -202,7 +223,7 @@ __global__ void __launch_bounds__(8 * G, 512 / (8 * G)) pool_kernel(const PoolAr
       for (int r = 0; r < 8; ++r) {
         float sq[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) sq[i] = fmul(v[r][i], v[r][i]);
+        for (int i = 0; i < 8; ++i) sq[i] = fmul_pool<Bf16>(v[r][i], v[r][i]);
         float s = tree8(sq);
 #pragma unroll
         for (int off = 1; off < G; off *= 2) s = fadd(s, __shfl_xor_sync(0xffffffffu, s, off));
@@ -233,7 +254,7 @@ __global__ void __launch_bounds__(8 * G, 512 / (8 * G)) pool_kernel(const PoolAr
       part_s[tg][cg * 8 + i] = tree8(col);
       if (!raw) {
 #pragma unroll
-        for (int r = 0; r < 8; ++r) col[r] = fmul(v[r][i], inv[r]);
+        for (int r = 0; r < 8; ++r) col[r] = fmul_pool<Bf16>(v[r][i], inv[r]);
         part_u[tg][cg * 8 + i] = tree8(col);
       }
     }
@@ -292,16 +313,25 @@ __global__ void kmean_kernel(const PoolArgs a) {
   const int c = static_cast<int>(i % D);
   int slots = 1;
   while (slots < p.blocks_k) slots *= 2;
-  float level[kChunkLevels + 1];
-  for (int j = 0; j < slots; ++j) {
-    float v = j < p.blocks_k ? a.ksum[(bh * p.blocks_k + j) * D + c] : 0.0f;
-    int k = 0;
-    for (int cc = j; cc & 1; cc >>= 1, ++k) v = fadd(level[k], v);
-    level[k] = v;
+  const float* sums = a.ksum + bh * p.blocks_k * D + c;
+  float total;
+  if (slots >= 8) {
+    // Aligned groups of 8 leaves are balanced sub-trees of the tree: their 8 loads go out together, and the
+    // group totals combine through a counter (levels in registers).
+    ChunkCounter groups;
+    for (int j = 0; j < slots; j += 8) {
+      float v[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) v[r] = j + r < p.blocks_k ? sums[int64_t(j + r) * D] : 0.0f;
+      groups.push(tree8(v));
+    }
+    total = groups.total(slots / 8);
+  } else {
+    float v[8] = {};
+    for (int j = 0; j < p.blocks_k; ++j) v[j] = sums[int64_t(j) * D];
+    total = slots == 1 ? v[0] : slots == 2 ? fadd(v[0], v[1]) : fadd(fadd(v[0], v[1]), fadd(v[2], v[3]));
   }
-  int top = 0;
-  while ((1 << top) < slots) ++top;
-  a.km[bh * D + c] = fmul(level[top], p.inv_tokens_k);
+  a.km[bh * D + c] = fmul(total, p.inv_tokens_k);
 }
 
 // Query block rows per select CTA: they share the K block means read from L2, and each has its own 64 threads
