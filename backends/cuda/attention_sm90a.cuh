@@ -267,13 +267,12 @@ struct Sm90WsConfig {
   static constexpr int kStages = D <= 64 ? 8 : 6;
   static constexpr int kBarrierBytes = 8 * (2 * kStages + 1);
   static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + kBarrierBytes + 1024;
-  // 64K registers per SM: 65536 / kThreads per thread at entry (rounded down to 8: 168 or 128); the producer
-  // gives back what the consumers take: 128·24 + 256·240 = 384·168, 128·24 + 384·160 <= 512·128.
-  static constexpr int kEntryRegisters = 65536 / kThreads / 8 * 8;
+  // 64K registers per SM: 168 per thread at entry (65536 / 384, rounded down to 8); the producer gives back what
+  // the consumers take: 128·24 + 256·240 = 384·168.
   static constexpr int kProducerRegisters = 24;
-  static constexpr int kConsumerRegisters =
-      (kEntryRegisters * kThreads - kProducerRegisters * 128) / (128 * kConsumers) / 8 * 8;
-  static_assert(kConsumerRegisters <= 256, "setmaxnreg takes at most 256");
+  static constexpr int kConsumerRegisters = 240;
+  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 128 * kConsumers <= 65536 / kThreads / 8 * 8 * kThreads,
+                "the warpgroups' registers must fit the CTA's");
   static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 };
 
