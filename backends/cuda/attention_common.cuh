@@ -57,8 +57,8 @@ __device__ __forceinline__ RowCoords row_coords(const AttentionParams& p) {
 }
 
 // The key tiles one CTA visits, ascending: all of [0, limit), or those its LUT row lists (each mask block
-// covering `sub` tiles), stopping at `limit` (sequence end or causal diagonal). Two cursors walk it: the loader
-// (kStages-1 tiles ahead) and the consumer.
+// covering `sub` tiles), stopping at `limit` (sequence end or causal diagonal). The loader walks it kStages-1 tiles
+// ahead; the consumers walk it again (sm90a kernels) or read each stage's tile from shared memory (mma.sync).
 struct TileList {
   int mode, limit, sub, count;
   const int32_t* indices;
