@@ -3,8 +3,8 @@
 // per-warp numerics of the mma.sync kernel (attention_common.cuh, docs/NUMERICS.md) and its tile (64 keys):
 //
 // attention_sm90_kernel ("serial", the default): one CTA = one warpgroup (4 warps) computes BLOCK_Q = 64 query
-// rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64). Thread 0 streams Q once and the K
-// (INT8, [key][channel]) and transposed e4m3 V ([channel][key], keys permuted inside 32-key chunks) tiles of
+// rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64). Thread 0 streams Q once, and (warp 0
+// walking the tile list) the K (INT8, [key][channel]) and transposed e4m3 V ([channel][key], keys permuted inside 32-key chunks) tiles of
 // 64 keys with bulk tensor copies (TMA) into a ring of stages, each completing on its mbarrier. The TMA writes
 // the wgmma 128B (128-byte rows) and 64B (64-byte rows) swizzles (SwizzledTile), so both operands are read by
 // descriptor (wgmma.cuh). Per key tile: S = Q8·K8ᵀ as wgmma m64n64k32 s8·s8 -> s32 (D/32 steps, both operands
