@@ -250,6 +250,8 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
 // - Each consumer pipelines its tiles: S(j) = Q·K(j)ᵀ and P(j-1)·V(j-1) are issued together, the softmax of
 //   S(j) runs while P(j-1)·V(j-1) is on the tensor cores, then tile j-1 is folded into O. The other consumer's
 //   work fills the remaining gaps.
+// - Turns ("ws"): the consumers take turns to issue their wgmma (named barriers 1 and 2), so that one's softmax
+//   runs while the other's matrix products are on the tensor cores; "ws-free" leaves the order to the hardware.
 // - All consumers walk the CTA's tile list (causal: cut at the CTA's last row; the rows of the first consumers
 //   see -inf in the one tile past their diagonal). Block masks must therefore have blocks of a multiple of 128
 //   rows; the host takes the 64-row kernel above for others, and for the stage-2 P·V skip.
