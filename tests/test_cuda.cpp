@@ -236,6 +236,15 @@ TEST_CASE("cuda options: layouts, strides, bf16, GQA, Nq != Nk, causal, no smoot
 TEST_CASE("cuda block masks: bitmap and LUT, mask heads, block sizes, empty rows, causal") {
   Context* ctx = cuda_ctx();
   if (!ctx) return;
+#ifndef _WIN32
+  // Bitmaps are walked as a device-made LUT when it is small, else as they are; SPARQ_CUDA_BITMAP_LUT=0 (read per
+  // call) forces the second, so both run here.
+  const char* previous = std::getenv("SPARQ_CUDA_BITMAP_LUT");
+  const std::string saved = previous ? previous : "";
+  for (const char* bitmap_lut : {"1", "0"}) {
+    setenv("SPARQ_CUDA_BITMAP_LUT", bitmap_lut, 1);
+    INFO("SPARQ_CUDA_BITMAP_LUT=" << bitmap_lut);
+#endif
   for (PVPrecision pv : pv_precisions(*ctx))
     for (MaskKind kind : {MaskKind::Bitmap, MaskKind::Lut})
       for (bool causal : {false, true}) {
@@ -267,6 +276,11 @@ TEST_CASE("cuda block masks: bitmap and LUT, mask heads, block sizes, empty rows
           check_case(*ctx, per_q_head);
         }
       }
+#ifndef _WIN32
+  }
+  if (previous) setenv("SPARQ_CUDA_BITMAP_LUT", saved.c_str(), 1);
+  else unsetenv("SPARQ_CUDA_BITMAP_LUT");
+#endif
 }
 
 TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {

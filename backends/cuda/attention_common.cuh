@@ -56,18 +56,21 @@ __device__ __forceinline__ RowCoords row_coords(const AttentionParams& p) {
   return c;
 }
 
-// The key tiles one CTA visits, ascending: all of [0, limit), or those its LUT row lists (each mask block
-// covering `sub` tiles), stopping at `limit` (sequence end or causal diagonal). The loader walks it kStages-1 tiles
-// ahead; the consumers walk it again (sm90a kernels) or read each stage's tile from shared memory (mma.sync).
+// The key tiles one CTA visits, ascending: all of [0, limit), or those its mask row lists (a LUT row, or the set
+// bytes of a bitmap row; each mask block covering `sub` tiles), stopping at `limit` (sequence end or causal
+// diagonal). The loader walks it kStages-1 tiles ahead; the consumers walk it again (sm90a kernels) or read each
+// stage's tile from shared memory (mma.sync).
 struct TileList {
-  int mode, limit, sub, count;
+  int mode, limit, sub, count, blocks;
   const int32_t* indices;
+  const uint8_t* bits;
 };
-// The LUT entry after the current one is loaded one step early, so its latency hides behind a tile's work
-// instead of stalling the walk. tile = -1: the list is done (blocks ascend, so a block past the limit ends it).
+// A cursor is advanced by whole warps (every lane, converged): the bitmap scan is warp-cooperative. The LUT entry
+// after the current one is loaded one step early, so its latency hides behind a tile's work instead of stalling
+// the walk. tile = -1: the list is done (blocks ascend, so a block past the limit ends it).
 struct TileCursor {
   int entry = 0, part = 0, tile = -1;
-  int ahead = -1;  // the LUT block of entry + 1
+  int ahead = -1;  // LUT: the block of entry + 1
 
   // A cursor on the first tile of the list.
   __device__ static __forceinline__ TileCursor first(const TileList& l) {
@@ -81,14 +84,33 @@ struct TileCursor {
     return c;
   }
 
-  // The first tile of entry (part 0), whose LUT block is lut_block.
+  // The first tile of entry (part 0); lut_block: the LUT's block of entry.
   __device__ __forceinline__ void settle(const TileList& l, int lut_block) {
     if (l.mode == static_cast<int>(MaskMode::None)) {
       tile = entry < l.limit ? entry : -1;
       return;
     }
-    const int t = lut_block * l.sub;
-    tile = (entry < l.count && lut_block >= 0 && t < l.limit) ? t : -1;
+    int b;
+    if (l.mode == static_cast<int>(MaskMode::Lut)) {
+      if (entry >= l.count) { tile = -1; return; }
+      b = lut_block;
+    } else {
+      // The next set byte at or after entry, 32 bytes per step: lane i tests entry + i.
+      const int lane = threadIdx.x % 32;
+      while (entry < l.blocks) {
+        const int i = entry + lane;
+        const unsigned set = __ballot_sync(0xffffffffu, i < l.blocks && __ldg(l.bits + i) != 0);
+        if (set != 0) {
+          entry += __ffs(set) - 1;
+          break;
+        }
+        entry += 32;
+      }
+      if (entry >= l.blocks) { tile = -1; return; }
+      b = entry;
+    }
+    const int t = b * l.sub;
+    tile = (b >= 0 && t < l.limit) ? t : -1;
   }
   __device__ __forceinline__ void next(const TileList& l) {
     if (l.mode == static_cast<int>(MaskMode::None)) {
@@ -102,15 +124,18 @@ struct TileCursor {
     }
     part = 0;
     ++entry;
-    const int block = ahead;
-    ahead = entry + 1 < l.count ? __ldg(l.indices + entry + 1) : -1;
+    int block = -1;
+    if (l.mode == static_cast<int>(MaskMode::Lut)) {
+      block = ahead;
+      ahead = entry + 1 < l.count ? __ldg(l.indices + entry + 1) : -1;
+    }
     settle(l, block);
   }
 };
 
 // The tile list of the CTA whose query rows start at q0 (BlockQ rows) in (batch b, query head hq): the key tiles
-// up to the sequence end, cut at the causal diagonal of its last row, restricted to its LUT row. The LUT has one
-// row set per mask head (Hq for a LUT, Hm for a bitmap made a LUT).
+// up to the sequence end, cut at the causal diagonal of its last row, restricted to its mask row. A mask has one
+// row set per mask head (Hq for a LUT; Hm for a bitmap, walked as it is or made a LUT by the backend).
 template <int BlockQ>
 __device__ __forceinline__ TileList setup_tile_list(const AttentionParams& p, int b, int hq, int q0,
                                                     int causal_offset) {
@@ -120,12 +145,16 @@ __device__ __forceinline__ TileList setup_tile_list(const AttentionParams& p, in
     const int last_key = last_row + causal_offset;
     limit = last_key < 0 ? 0 : min(limit, last_key / kBlockK + 1);
   }
-  TileList tiles{p.mask_mode, limit, p.mask_tiles_k, 0, nullptr};
-  if (p.mask_mode == static_cast<int>(MaskMode::Lut)) {
+  TileList tiles{p.mask_mode, limit, p.mask_tiles_k, 0, p.mask_blocks_k, nullptr, nullptr};
+  if (p.mask_mode != static_cast<int>(MaskMode::None)) {
     const int hm = hq / (p.heads_q / p.mask_heads);
     const int64_t row = (static_cast<int64_t>(b) * p.mask_heads + hm) * p.mask_blocks_q + q0 / p.mask_block_q;
-    tiles.count = min(max(__ldg(p.mask_counts + row), 0), p.mask_blocks_k);
-    tiles.indices = p.mask_indices + row * p.mask_blocks_k;
+    if (p.mask_mode == static_cast<int>(MaskMode::Lut)) {
+      tiles.count = min(max(__ldg(p.mask_counts + row), 0), p.mask_blocks_k);
+      tiles.indices = p.mask_indices + row * p.mask_blocks_k;
+    } else {
+      tiles.bits = p.mask_bitmap + row * p.mask_blocks_k;
+    }
   }
   return tiles;
 }

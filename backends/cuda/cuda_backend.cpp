@@ -425,9 +425,17 @@ void CudaBackend::attention(const AttentionProblem& p) {
   w.partial_sum = take(cursor, kv_rows * pre.splits * D * sizeof(float));
   w.partial_vmax = take(cursor, kv_rows * pre.splits * D * sizeof(float));
   if (!v_in_place) w.v_copy = take(cursor, kv_rows * Nk * D * 2);
-  // A bitmap mask is walked as a LUT made on the device (cuda::launch_bitmap_to_lut).
-  const bool bitmap = p.mask_layout == MaskLayout::Bitmap;
-  const int64_t mask_rows = bitmap ? int64_t(B) * p.mask_heads * p.mask_blocks_q : 0;
+  // A bitmap mask is walked as a LUT made on the device (cuda::launch_bitmap_to_lut: one index load per block
+  // instead of a scan) while that LUT costs at most 1/8 of q + k + v (the workspace stays within 0.75x of them);
+  // larger ones (64-row blocks at very long sequences) are walked as bitmaps, with no extra memory.
+  // SPARQ_CUDA_BITMAP_LUT=0 walks every bitmap as it is (both paths stay testable).
+  const int64_t mask_rows = p.mask_layout == MaskLayout::Bitmap ? int64_t(B) * p.mask_heads * p.mask_blocks_q : 0;
+  const std::size_t lut_bytes = std::size_t(mask_rows) * (std::size_t(p.mask_blocks_k) + 1) * sizeof(int32_t);
+  const std::size_t qkv_bytes =
+      2 * std::size_t(D) * (std::size_t(B) * Hq * Nq + 2 * std::size_t(B) * Hkv * Nk);
+  const char* bitmap_lut_env = std::getenv("SPARQ_CUDA_BITMAP_LUT");
+  const bool bitmap = mask_rows > 0 && lut_bytes <= qkv_bytes / 8 &&
+                      !(bitmap_lut_env && std::string(bitmap_lut_env) == "0");
   std::size_t lut_counts_at = 0, lut_indices_at = 0;
   if (bitmap) {
     lut_counts_at = take(cursor, std::size_t(mask_rows) * sizeof(int32_t));
@@ -512,9 +520,12 @@ void CudaBackend::attention(const AttentionProblem& p) {
     if (p.mask_layout == MaskLayout::Lut) {
       a.mask_counts = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_counts));
       a.mask_indices = reinterpret_cast<const int32_t*>(operand_pointer(p.mask_indices));
-    } else {
+    } else if (bitmap) {
       a.mask_counts = reinterpret_cast<const int32_t*>(ws + lut_counts_at);
       a.mask_indices = reinterpret_cast<const int32_t*>(ws + lut_indices_at);
+    } else {
+      a.mask_mode = static_cast<int>(cuda::MaskMode::Bitmap);
+      a.mask_bitmap = reinterpret_cast<const uint8_t*>(operand_pointer(p.mask_bitmap));
     }
   }
 

@@ -15,8 +15,9 @@ constexpr int kAttentionBlockQ = 64;
 constexpr int kBlockK = 64;
 
 enum class Granularity : int { PerBlock = 0, PerWarp = 1, PerThread = 2 };
-// Bitmap masks reach the kernels as a LUT (the backend converts them on the device).
-enum class MaskMode : int { None = 0, Lut = 1 };
+// Bitmap masks reach the kernels as a LUT made on the device when it is small (cuda_backend.cpp says when),
+// else as the bitmap itself.
+enum class MaskMode : int { None = 0, Lut = 1, Bitmap = 2 };
 
 // What one attention launch reads and writes. Quantized operands live in the backend's workspace:
 //   q8 [B, Hq, Nq, D] int8, k8 [B, Hkv, Nk, D] int8 (contiguous),
@@ -52,7 +53,8 @@ struct AttentionParams {
   int mask_block_q = kAttentionBlockQ;  // rows of a mask block (a multiple of the kernel's BLOCK_Q)
   int mask_tiles_k = 1;        // mask block columns / BLOCK_K
   const int32_t* mask_counts = nullptr;    // [B, Hq, nQB]
-  const int32_t* mask_indices = nullptr;   // [B, Hq, nQB, nKB]
+  const int32_t* mask_indices = nullptr;   // [B, Hq, nQB, nKB] (a bitmap made a LUT: [B, Hm, nQB, nKB])
+  const uint8_t* mask_bitmap = nullptr;    // [B, Hm, nQB, nKB]
 
   // SpargeAttn stage 2 (P·V skip): λ per query head (log2 units), null = off; counters [skipped, visited]
   // of (16-row group, key tile) pairs, added to when not null.
