@@ -44,18 +44,6 @@ Dims attention_dims(const Tensor& t, Layout layout, const char* name) {
   return layout == Layout::HND ? Dims{s[0], s[1], s[2], s[3]} : Dims{s[0], s[2], s[1], s[3]};
 }
 
-detail::Operand operand(const Tensor& t, Layout layout) {
-  detail::Operand op;
-  op.storage = t.storage();
-  op.offset_bytes = t.offset_bytes();
-  op.dtype = t.dtype();
-  const auto& st = t.strides();
-  op.stride_batch = st[0];
-  op.stride_head = layout == Layout::HND ? st[1] : st[2];
-  op.stride_token = layout == Layout::HND ? st[2] : st[1];
-  return op;
-}
-
 // Byte range [begin, end) of a view inside its storage.
 std::pair<std::size_t, std::size_t> byte_range(const Tensor& t) {
   std::size_t span = detail::checked_extent_bytes(t.dtype(), t.shape(), t.strides(), "tensor");
@@ -130,6 +118,18 @@ void fill_mask(const Context& ctx, const BlockMask& mask, detail::AttentionProbl
 }  // namespace
 
 namespace detail {
+
+Operand operand(const Tensor& t, Layout layout) {
+  Operand op;
+  op.storage = t.storage();
+  op.offset_bytes = t.offset_bytes();
+  op.dtype = t.dtype();
+  const auto& st = t.strides();
+  op.stride_batch = st[0];
+  op.stride_head = layout == Layout::HND ? st[1] : st[2];
+  op.stride_token = layout == Layout::HND ? st[2] : st[1];
+  return op;
+}
 
 AttentionProblem make_problem(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                               const AttentionOptions& options, const BlockMask* mask, Tensor* lse) {

@@ -156,6 +156,9 @@ std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape);
 std::size_t checked_extent_bytes(DType dtype, const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
                                  const char* what);
 
+// A [B, H, N, D] tensor of `layout` as an operand: its storage and its batch, head and token strides.
+Operand operand(const Tensor& t, Layout layout);
+
 // attention()'s validation: checks every argument and fills the problem without dispatching it.
 AttentionProblem make_problem(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                               const AttentionOptions& options, const BlockMask* mask, Tensor* lse);

@@ -205,25 +205,14 @@ void permute_tokens(Context& ctx, const Tensor& src, Tensor& dst, const std::vec
   const std::size_t elem = dtype_size(src.dtype());
   // On the device where the backend can (rows with a contiguous last dimension).
   if (src.strides()[3] == 1 && dst.strides()[3] == 1) {
-    auto operand = [layout](const Tensor& t) {
-      detail::Operand op;
-      op.storage = t.storage();
-      op.offset_bytes = t.offset_bytes();
-      op.dtype = t.dtype();
-      const auto& st = t.strides();
-      op.stride_batch = st[0];
-      op.stride_head = layout == Layout::HND ? st[1] : st[2];
-      op.stride_token = layout == Layout::HND ? st[2] : st[1];
-      return op;
-    };
     detail::PermuteProblem pp;
     pp.batch = static_cast<int>(s[0]);
     pp.heads = static_cast<int>(layout == Layout::HND ? s[1] : s[2]);
     pp.tokens = static_cast<int>(tokens);
     pp.head_dim = static_cast<int>(s[3]);
     pp.elem_bytes = elem;
-    pp.src = operand(src);
-    pp.dst = operand(dst);
+    pp.src = detail::operand(src, layout);
+    pp.dst = detail::operand(dst, layout);
     pp.order = &order;
     if (src.numel() == 0 || ctx.impl().permute_tokens(pp)) return;
   }
