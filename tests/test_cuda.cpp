@@ -335,6 +335,37 @@ TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {
   }
 }
 
+// A head's result must not depend on what else is in the call: the preprocessing's K-mean split count (its
+// summation order) depends on the sequence length alone, so batch b of a 9-batch call equals the same data
+// attended alone, bit for bit.
+TEST_CASE("cuda results do not depend on the batch they are part of") {
+  Context* ctx = cuda_ctx();
+  if (!ctx) return;
+  for (PVPrecision pv : pv_precisions(*ctx)) {
+    Case all = cuda_case();
+    all.pv_precision = pv;
+    all.B = 9, all.Hq = 8, all.Hkv = 4, all.Nq = 64, all.Nk = 5000;
+    const Inputs in = make_inputs(all);
+    const Result whole = run_case(*ctx, all, in);
+    for (int b : {0, 5}) {
+      Case one = all;
+      one.B = 1;
+      Inputs part;
+      auto batch = [b](const std::vector<uint16_t>& x, std::size_t per) {
+        return std::vector<uint16_t>(x.begin() + b * per, x.begin() + (b + 1) * per);
+      };
+      part.q = batch(in.q, std::size_t(all.Hq) * all.Nq * all.D);
+      part.k = batch(in.k, std::size_t(all.Hkv) * all.Nk * all.D);
+      part.v = batch(in.v, std::size_t(all.Hkv) * all.Nk * all.D);
+      const Result alone = run_case(*ctx, one, part);
+      const std::size_t out_per = std::size_t(all.Hq) * all.Nq * all.D, lse_per = std::size_t(all.Hq) * all.Nq;
+      INFO(all.describe() << ", batch " << b);
+      CHECK(std::equal(alone.out.begin(), alone.out.end(), whole.out.begin() + b * out_per));
+      CHECK(std::equal(alone.lse.begin(), alone.lse.end(), whole.lse.begin() + b * lse_per));
+    }
+  }
+}
+
 // SPARQ_CUDA_PATH (read when a context is created) picks the kernel path: sm80, sm89 or sm90a (the wgmma
 // kernels, compute capability 9.0 only); a path the GPU or the build lacks falls back to an older one or reports
 // NotSupported. Every path this GPU and build run gets one FP8 (where available) and one FP16 P·V case.

@@ -66,7 +66,7 @@ struct CudaStorage : Storage {
 // Byte offsets of the workspace's parts, each 256-byte aligned.
 struct WorkspaceLayout {
   std::size_t q8 = 0, k8 = 0, v8t = 0, q_scale = 0, k_scale = 0, v_scale = 0, q_km = 0, partial_sum = 0,
-              partial_vmax = 0, v_copy = 0, total = 0;
+              partial_vmax = 0, k_mean = 0, v_copy = 0, total = 0;
 };
 
 std::size_t take(std::size_t& cursor, std::size_t bytes) {
@@ -408,7 +408,7 @@ void CudaBackend::attention(const AttentionProblem& p) {
   pre.q_groups = cuda::q_scale_groups(Nq, gran);
   pre.k_groups = cuda::k_scale_groups(Nk, gran);
   pre.vt_stride = (Nk + cuda::kBlockK - 1) / cuda::kBlockK * cuda::kBlockK;
-  pre.splits = cuda::stats_splits(B, Hkv, Nk, prop_.multiProcessorCount);
+  pre.splits = cuda::stats_splits(Nk);
 
   const std::size_t q_elems = std::size_t(B) * Hq * Nq, kv_rows = std::size_t(B) * Hkv;
   WorkspaceLayout w;
@@ -424,6 +424,7 @@ void CudaBackend::attention(const AttentionProblem& p) {
   if (want_q_km) w.q_km = take(cursor, q_elems * sizeof(float));
   w.partial_sum = take(cursor, kv_rows * pre.splits * D * sizeof(float));
   w.partial_vmax = take(cursor, kv_rows * pre.splits * D * sizeof(float));
+  w.k_mean = take(cursor, kv_rows * D * sizeof(float));
   if (!v_in_place) w.v_copy = take(cursor, kv_rows * Nk * D * 2);
   // A bitmap mask is walked as a LUT made on the device (cuda::launch_bitmap_to_lut: one index load per block
   // instead of a scan) while that LUT costs at most 1/8 of q + k + v (the workspace stays within 0.75x of them);
@@ -465,6 +466,7 @@ void CudaBackend::attention(const AttentionProblem& p) {
   if (want_q_km) pre.q_km = reinterpret_cast<float*>(ws + w.q_km);
   pre.partial_sum = reinterpret_cast<float*>(ws + w.partial_sum);
   pre.partial_vmax = reinterpret_cast<float*>(ws + w.partial_vmax);
+  pre.k_mean = reinterpret_cast<float*>(ws + w.k_mean);
 
   cuda::AttentionParams a;
   a.q8 = pre.q8;

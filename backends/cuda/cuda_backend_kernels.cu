@@ -1,5 +1,6 @@
 // Arch-neutral preprocessing kernels of the CUDA backend (compiled for every path):
 //   kv_stats      per (batch, kv head, token range): channel sums of K and channel maxima of |V|;
+//   kv_finalize   per (batch, kv head): the K channel means and the V channel scales from those;
 //   quantize_kv   per 64-token tile: K' = K − mean, INT8 per group; V / v_scale -> e4m3, transposed;
 //   quantize_q    per 128-token tile: INT8 per group, scale·log2 e folded into the scale; q·mean(K) for LSE.
 // Exact formulas: docs/NUMERICS.md. Thread layout of every pass: a token row is read by D/8 consecutive
@@ -113,76 +114,113 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessPara
   }
 }
 
-// The K channel means of kv head bh into shared memory (0 without smoothing).
-__device__ void load_k_mean(const PreprocessParams& p, int bh, float* km) {
-  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
-    float s = 0.0f;
+// Per (batch, kv head): the K channel means (the kv_stats partial sums in split order, then / Nk) and the V
+// channel scales max|V| / 448, once, so that each quantization CTA reads D floats instead of every split.
+__global__ void kv_finalize_kernel(const PreprocessParams p) {
+  const int bh = blockIdx.x, D = p.head_dim;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    const float* sums = p.partial_sum + static_cast<int64_t>(bh) * p.splits * D + c;
+    const float* maxs = p.partial_vmax + static_cast<int64_t>(bh) * p.splits * D + c;
     if (p.smooth_k) {
-      for (int i = 0; i < p.splits; ++i) s += p.partial_sum[(static_cast<int64_t>(bh) * p.splits + i) * p.head_dim + c];
-      s /= static_cast<float>(p.tokens_k);
+      float s = 0.0f;
+      for (int i = 0; i < p.splits; ++i) s += sums[static_cast<int64_t>(i) * D];
+      p.k_mean[static_cast<int64_t>(bh) * D + c] = s / static_cast<float>(p.tokens_k);
     }
-    km[c] = s;
+    if (p.fp8_v) {
+      float m = 0.0f;
+      for (int i = 0; i < p.splits; ++i) m = fmaxf(m, maxs[static_cast<int64_t>(i) * D]);
+      p.v_scale[static_cast<int64_t>(bh) * D + c] = m / 448.0f;
+    }
   }
 }
 
+// Eight consecutive channels of one token row as they are stored (loaded before they are needed, so that a
+// thread has all its rows' loads in flight at once), and as floats.
+__device__ __forceinline__ uint4 load_raw8(const InputView& x, int b, int h, int token, int c) {
+  const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
+                        static_cast<int64_t>(token) * x.stride_t + c;
+  if (x.aligned16) return *reinterpret_cast<const uint4*>(row);
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = static_cast<uint32_t>(row[2 * i]) | static_cast<uint32_t>(row[2 * i + 1]) << 16;
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 template <bool Bf16>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = to_float<Bf16>(static_cast<uint16_t>(w[i] & 0xffffu));
+    out[2 * i + 1] = to_float<Bf16>(static_cast<uint16_t>(w[i] >> 16));
+  }
+}
+
+// Eight consecutive floats of a [.., D] array (16-byte aligned: D and the offset are multiples of 8).
+__device__ __forceinline__ void load_floats8(const float* at, float (&out)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(at), b = *reinterpret_cast<const float4*>(at + 4);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+
+// The tile's rows are loaded once, all at the start (kIters 16-byte loads in flight per thread, for K and for
+// V), and kept in registers for the group maxima and the quantization.
+template <bool Bf16, int D>
 __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessParams p) {
-  extern __shared__ float kv_smem[];  // km[D], v_scale[D], then the transposed e4m3 tile [D][64]
+  extern __shared__ uint8_t vt[];  // the transposed e4m3 V tile [D][kVtRow]
   __shared__ unsigned amax_bits[8];
-  const int D = p.head_dim, lanes = D / 8, rows = kThreads / lanes;
+  constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kBlockK + kRows - 1) / kRows;
   const int bh = blockIdx.y, b = bh / p.heads_kv, h = bh % p.heads_kv;
   const int tile = blockIdx.x, token0 = tile * kBlockK;
-  const int lane_c = threadIdx.x % lanes, lane_r = threadIdx.x / lanes;
+  const int lane_c = threadIdx.x % kLanes, lane_r = threadIdx.x / kLanes;
   const bool per_thread = p.granularity == static_cast<int>(Granularity::PerThread);
-  float* km = kv_smem;
-  float* vs = kv_smem + D;
-  uint8_t* vt = reinterpret_cast<uint8_t*>(kv_smem + 2 * D);
+  auto valid = [&](int it) {
+    const int r = it * kRows + lane_r;
+    return r < kBlockK && token0 + r < p.tokens_k;
+  };
 
-  load_k_mean(p, bh, km);
+  uint4 k_raw[kIters], v_raw[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it)
+    k_raw[it] = valid(it) ? load_raw8(p.k, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
   if (p.fp8_v) {
-    for (int c = threadIdx.x; c < D; c += kThreads) {
-      float m = 0.0f;
-      for (int i = 0; i < p.splits; ++i)
-        m = fmaxf(m, p.partial_vmax[(static_cast<int64_t>(bh) * p.splits + i) * D + c]);
-      vs[c] = m / 448.0f;
-      if (tile == 0) p.v_scale[static_cast<int64_t>(bh) * D + c] = vs[c];
-    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it)
+      v_raw[it] = valid(it) ? load_raw8(p.v, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
   }
+  float km[8] = {};
+  if (p.smooth_k) load_floats8(p.k_mean + static_cast<int64_t>(bh) * D + lane_c * 8, km);
   if (threadIdx.x < 8) amax_bits[threadIdx.x] = 0u;
   __syncthreads();
 
   // K: group maxima, then quantize.
-  if (lane_r < rows) {
-    for (int r = lane_r; r < kBlockK; r += rows) {
-      const int token = token0 + r;
-      if (token >= p.tokens_k) break;
-      float x[8];
-      load8<Bf16>(p.k, b, h, token, lane_c * 8, x);
-      float m = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i] - km[lane_c * 8 + i]));
-      m = row_lanes_max(m, lanes);
-      if (lane_c == 0) shared_max(&amax_bits[per_thread ? r % 8 : 0], m);
-    }
+  for (int it = 0; it < kIters; ++it) {
+    if (!valid(it)) continue;  // the same for every lane of a row
+    float x[8];
+    unpack8<Bf16>(k_raw[it], x);
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i] - km[i]));
+    m = row_lanes_max(m, kLanes);
+    if (lane_c == 0) shared_max(&amax_bits[per_thread ? (it * kRows + lane_r) % 8 : 0], m);
   }
   __syncthreads();
-  if (lane_r < rows) {
-    for (int r = lane_r; r < kBlockK; r += rows) {
-      const int token = token0 + r;
-      if (token >= p.tokens_k) break;
-      const float amax = __uint_as_float(amax_bits[per_thread ? r % 8 : 0]);
-      const float step = amax / 127.0f;
-      float x[8];
-      load8<Bf16>(p.k, b, h, token, lane_c * 8, x);
-      uint32_t packed[2] = {0u, 0u};
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int8_t q = quantize_int8(x[i] - km[lane_c * 8 + i], step, amax == 0.0f);
-        packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
-      }
-      *reinterpret_cast<uint2*>(p.k8 + (static_cast<int64_t>(bh) * p.tokens_k + token) * D + lane_c * 8) =
-          make_uint2(packed[0], packed[1]);
+  for (int it = 0; it < kIters; ++it) {
+    if (!valid(it)) continue;
+    const int r = it * kRows + lane_r;
+    const float amax = __uint_as_float(amax_bits[per_thread ? r % 8 : 0]);
+    const float step = amax / 127.0f;
+    float x[8];
+    unpack8<Bf16>(k_raw[it], x);
+    uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int8_t q = quantize_int8(x[i] - km[i], step, amax == 0.0f);
+      packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
     }
+    *reinterpret_cast<uint2*>(p.k8 + (static_cast<int64_t>(bh) * p.tokens_k + token0 + r) * D + lane_c * 8) =
+        make_uint2(packed[0], packed[1]);
   }
   if (threadIdx.x < (per_thread ? 8 : 1)) {
     const int group = per_thread ? tile * 8 + threadIdx.x : tile;
@@ -191,21 +229,23 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
 
   // V: e4m3 of v / v_scale, written transposed with keys permuted inside each 32-key chunk.
   if (!p.fp8_v) return;
-  if (lane_r < rows) {
-    for (int r = lane_r; r < kBlockK; r += rows) {
-      const int token = token0 + r;
-      const int within = r % 32, hi = (within % 16) / 8, q4 = (within % 8) / 2;
-      const int pos = (r / 32) * 32 + (within / 16) * 16 + q4 * 4 + hi * 2 + within % 2;  // permuted_key⁻¹
-      float x[8] = {};
-      if (token < p.tokens_k) load8<Bf16>(p.v, b, h, token, lane_c * 8, x);
+  float vs[8];
+  load_floats8(p.v_scale + static_cast<int64_t>(bh) * D + lane_c * 8, vs);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int c = lane_c * 8 + i;
-        uint8_t e = 0;
-        if (token < p.tokens_k && vs[c] > 0.0f)
-          e = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[i] / vs[c], __NV_SATFINITE, __NV_E4M3));
-        vt[c * kVtRow + pos] = e;
-      }
+  for (int it = 0; it < kIters; ++it) {
+    const int r = it * kRows + lane_r;
+    if (r >= kBlockK) continue;
+    const int within = r % 32, hi = (within % 16) / 8, q4 = (within % 8) / 2;
+    const int pos = (r / 32) * 32 + (within / 16) * 16 + q4 * 4 + hi * 2 + within % 2;  // permuted_key⁻¹
+    const bool present = token0 + r < p.tokens_k;
+    float x[8];
+    unpack8<Bf16>(v_raw[it], x);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      uint8_t e = 0;
+      if (present && vs[i] > 0.0f)
+        e = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[i] / vs[i], __NV_SATFINITE, __NV_E4M3));
+      vt[(lane_c * 8 + i) * kVtRow + pos] = e;
     }
   }
   __syncthreads();
@@ -216,65 +256,71 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   }
 }
 
-template <bool Bf16>
+// As quantize_kv: the tile's rows loaded once, at the start, and kept in registers.
+template <bool Bf16, int D>
 __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessParams p) {
-  extern __shared__ float q_smem[];  // km[D]
   __shared__ unsigned amax_bits[64];
   constexpr int kTile = kBlockQ;
-  const int D = p.head_dim, lanes = D / 8, rows = kThreads / lanes;
+  constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kTile + kRows - 1) / kRows;
   const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
   const int kv_bh = b * p.heads_kv + h / (p.heads_q / p.heads_kv);
   const int tile = blockIdx.x, token0 = tile * kTile;
-  const int lane_c = threadIdx.x % lanes, lane_r = threadIdx.x / lanes;
-  float* km = q_smem;
-  if (p.want_q_km) load_k_mean(p, kv_bh, km);
-  if (threadIdx.x < 64) amax_bits[threadIdx.x] = 0u;
-  __syncthreads();
-
+  const int lane_c = threadIdx.x % kLanes, lane_r = threadIdx.x / kLanes;
+  auto valid = [&](int it) {
+    const int r = it * kRows + lane_r;
+    return r < kTile && token0 + r < p.tokens_q;
+  };
   auto local_group = [&](int r) {
     if (p.granularity == static_cast<int>(Granularity::PerBlock)) return 0;
     if (p.granularity == static_cast<int>(Granularity::PerWarp)) return r / 16;
     return (r / 16) * 8 + r % 8;
   };
-  // Rows are visited as whole passes so that the D/8 threads of a row stay converged for the shuffles.
-  const int passes = (kTile + rows - 1) / rows;
-  for (int pass = 0; pass < passes; ++pass) {
-    const int r = pass * rows + lane_r;
-    const int token = token0 + r;
-    if (lane_r < rows && r < kTile && token < p.tokens_q) {
-      float x[8];
-      load8<Bf16>(p.q, b, h, token, lane_c * 8, x);
-      float m = 0.0f;
+
+  uint4 raw[kIters];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i]));
-      m = row_lanes_max(m, lanes);
-      if (lane_c == 0) shared_max(&amax_bits[local_group(r)], m);
-    }
+  for (int it = 0; it < kIters; ++it)
+    raw[it] = valid(it) ? load_raw8(p.q, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
+  float km[8] = {};
+  if (p.want_q_km) load_floats8(p.k_mean + static_cast<int64_t>(kv_bh) * D + lane_c * 8, km);
+  if (threadIdx.x < 64) amax_bits[threadIdx.x] = 0u;
+  __syncthreads();
+
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (!valid(it)) continue;  // the same for every lane of a row
+    float x[8];
+    unpack8<Bf16>(raw[it], x);
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i]));
+    m = row_lanes_max(m, kLanes);
+    if (lane_c == 0) shared_max(&amax_bits[local_group(it * kRows + lane_r)], m);
   }
   __syncthreads();
-  for (int pass = 0; pass < passes; ++pass) {
-    const int r = pass * rows + lane_r;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int r = it * kRows + lane_r;
     const int token = token0 + r;
-    const bool active = lane_r < rows && r < kTile && token < p.tokens_q;
+    const bool active = valid(it);
     float dot = 0.0f;
     if (active) {
       const float amax = __uint_as_float(amax_bits[local_group(r)]);
       const float step = amax / 127.0f;
       float x[8];
-      load8<Bf16>(p.q, b, h, token, lane_c * 8, x);
+      unpack8<Bf16>(raw[it], x);
       uint32_t packed[2] = {0u, 0u};
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int8_t q = quantize_int8(x[i], step, amax == 0.0f);
         packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
-        if (p.want_q_km) dot += x[i] * km[lane_c * 8 + i];
+        if (p.want_q_km) dot += x[i] * km[i];
       }
       *reinterpret_cast<uint2*>(p.q8 + (static_cast<int64_t>(bh) * p.tokens_q + token) * D + lane_c * 8) =
           make_uint2(packed[0], packed[1]);
     }
     if (p.want_q_km) {
-      // lanes of one row are consecutive and aligned to a power of two (lanes = D/8 <= 32)
-      for (int off = 1; off < lanes; off *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      // lanes of one row are consecutive and aligned to a power of two (kLanes = D/8 <= 32)
+      for (int off = 1; off < kLanes; off *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (active && lane_c == 0) p.q_km[static_cast<int64_t>(bh) * p.tokens_q + token] = p.scale * dot;
     }
   }
@@ -289,26 +335,39 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
   }
 }
 
-template <bool Bf16>
+template <bool Bf16, int D>
 cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
-  const int D = p.head_dim, rows = kThreads / (D / 8);
+  constexpr int rows = kThreads / (D / 8);
   if (p.smooth_k || p.fp8_v) {
     const dim3 grid(p.splits, p.batch * p.heads_kv);
     kv_stats_kernel<Bf16><<<grid, kThreads, 2 * rows * D * sizeof(float), stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    kv_finalize_kernel<<<p.batch * p.heads_kv, std::min(D, kThreads), 0, stream>>>(p);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   {
     const dim3 grid((p.tokens_k + kBlockK - 1) / kBlockK, p.batch * p.heads_kv);
-    const size_t smem = 2 * D * sizeof(float) + (p.fp8_v ? D * kVtRow : 0);
-    quantize_kv_kernel<Bf16><<<grid, kThreads, smem, stream>>>(p);
+    const size_t smem = p.fp8_v ? D * kVtRow : 0;
+    quantize_kv_kernel<Bf16, D><<<grid, kThreads, smem, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   {
     const dim3 grid((p.tokens_q + kBlockQ - 1) / kBlockQ, p.batch * p.heads_q);
-    quantize_q_kernel<Bf16><<<grid, kThreads, D * sizeof(float), stream>>>(p);
+    quantize_q_kernel<Bf16, D><<<grid, kThreads, 0, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+template <bool Bf16>
+cudaError_t launch_for_dim(const PreprocessParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: return launch_all<Bf16, 32>(p, stream);
+    case 64: return launch_all<Bf16, 64>(p, stream);
+    case 128: return launch_all<Bf16, 128>(p, stream);
+    case 256: return launch_all<Bf16, 256>(p, stream);
+    default: return cudaErrorInvalidValue;  // the runtime only builds power-of-two head dims 32..256
+  }
 }
 
 }  // namespace
@@ -325,10 +384,11 @@ int k_scale_groups(int tokens_k, int granularity) {
   return granularity == static_cast<int>(Granularity::PerThread) ? per64 * 8 : per64;
 }
 
-int stats_splits(int batch, int heads_kv, int tokens_k, int multiprocessors) {
-  const int heads = std::max(1, batch * heads_kv);
-  const int want = (2 * multiprocessors + heads - 1) / heads;  // about two waves of CTAs
-  return std::max(1, std::min({want, 64, (tokens_k + 255) / 256}));
+int stats_splits(int tokens_k) {
+  // A function of the sequence alone: the K mean's summation order, hence every result of a head, must not
+  // depend on the batch size or the head count (a head gives the same bits alone or in a batch; test_cuda).
+  // 1024 keys per split give B·Hkv·Nk/1024 CTAs: thousands at the sizes where the pass takes time.
+  return std::max(1, std::min(64, (tokens_k + 1023) / 1024));
 }
 
 namespace {
@@ -363,7 +423,7 @@ int launch_bitmap_to_lut(const uint8_t* bits, int64_t rows, int blocks_k, int32_
 
 int launch_preprocess(const PreprocessParams& params, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return static_cast<int>(params.in_bf16 ? launch_all<true>(params, s) : launch_all<false>(params, s));
+  return static_cast<int>(params.in_bf16 ? launch_for_dim<true>(params, s) : launch_for_dim<false>(params, s));
 }
 
 }  // namespace sparq::cuda

@@ -39,13 +39,14 @@ struct PreprocessParams {
   float* partial_sum = nullptr;
   float* partial_vmax = nullptr;
   int splits = 1;
+  float* k_mean = nullptr;  // [B·Hkv, D]: the K channel means (smoothing)
 };
 
 // Scale groups per head (docs/NUMERICS.md).
 int q_scale_groups(int tokens_q, int granularity);
 int k_scale_groups(int tokens_k, int granularity);
 // How many token ranges the K/V statistics pass splits each (batch, kv head) into.
-int stats_splits(int batch, int heads_kv, int tokens_k, int multiprocessors);
+int stats_splits(int tokens_k);
 
 // Enqueues the preprocessing kernels on `stream` (a cudaStream_t); returns a cudaError_t as an int.
 int launch_preprocess(const PreprocessParams& params, void* stream);
