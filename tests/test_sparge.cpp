@@ -1140,6 +1140,141 @@ void check_device_fallback(Context& gpu) {
   CHECK(lg.indices == lr.indices);
 }
 
+// sparge_attention with a Hilbert grid, called again and again on one context: shapes that grow and shrink,
+// grids old and new (more than the context keeps cached), both dtypes and layouts, strided inputs, tokens
+// beyond the grid, stage 2 on and off, and a dense layer (which skips the permutation). Every call must give
+// bit for bit what the order applied by hand gives (permute_tokens into new tensors, sparge_attention without
+// a grid, the inverse permutation) and leave its inputs alone; off the reference backend the output also stays
+// close to the reference backend's for the same call (the same LUT: the same blocks computed).
+struct HilbertCall {
+  int B, Hq, Hkv, D;
+  TokenGrid grid;
+  int extra;  // tokens after the grid's
+  DType dtype;
+  Layout layout;
+  int pad;  // > 0: q, k, v are views with rows padded by this many elements (HND)
+  float pv;  // pvthreshd (inf: no stage 2)
+  bool dense = false;
+};
+
+std::vector<uint16_t> bits_of(Context& ctx, const Tensor& t) {
+  std::vector<uint16_t> b(static_cast<std::size_t>(t.numel()));
+  ctx.to_host(t, b.data());
+  return b;
+}
+
+void check_hilbert_calls(Context& ctx) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const DType f16 = DType::F16, bf16 = DType::BF16;
+  const Layout hnd = Layout::HND, nhd = Layout::NHD;
+  std::vector<HilbertCall> calls = {
+      {1, 2, 1, 64, {1, 12, 20}, 0, f16, hnd, 0, inf},
+      {2, 4, 2, 64, {4, 10, 12}, 30, f16, hnd, 0, 6.0f},  // grows
+      {1, 2, 2, 64, {1, 10, 15}, 0, bf16, hnd, 0, inf},   // shrinks, another dtype
+      {1, 2, 1, 64, {1, 12, 20}, 20, f16, nhd, 0, inf},   // the first grid again (cached), NHD, longer sequence
+      {1, 2, 1, 128, {2, 9, 11}, 5, f16, hnd, 4, 6.0f},   // D = 128, strided input rows
+      {2, 4, 2, 64, {4, 10, 12}, 30, f16, hnd, 0, inf, true},  // dense, no stage 2: no permutation
+      {1, 2, 1, 64, {1, 12, 20}, 0, f16, hnd, 0, inf},    // the first call again, into the larger buffers
+  };
+  for (int i = 0; i < 10; ++i) calls.push_back({1, 1, 1, 64, {1, 12 + i, 17}, i, f16, hnd, 0, inf});  // evicts
+  calls.push_back({1, 2, 1, 64, {1, 12, 20}, 0, f16, hnd, 0, 6.0f});  // the first grid, computed again
+  std::optional<Context> ref;
+  if (ctx.backend() != Backend::Reference) ref = Context::create(Backend::Reference);
+  for (std::size_t ci = 0; ci < calls.size(); ++ci) {
+    const HilbertCall& c = calls[ci];
+    CAPTURE(ci);
+    const int N = static_cast<int>(c.grid.tokens()) + c.extra;
+    // tokens with the grid's structure (so that the curve order makes blocks sparse), then the extra ones
+    Qkv x = grid_inputs(c.grid.t, c.grid.h, c.grid.w, c.B, c.Hq, c.Hkv, c.D, 20.0, 3.0, 100 + ci);
+    if (c.extra > 0) {
+      const Qkv e = grid_inputs(1, 1, c.extra, c.B, c.Hq, c.Hkv, c.D, 20.0, 3.0, 200 + ci);
+      auto append = [&](std::vector<float>& to, const std::vector<float>& from, int heads) {
+        std::vector<float> r;
+        for (int bh = 0; bh < c.B * heads; ++bh) {
+          r.insert(r.end(), to.begin() + std::ptrdiff_t(bh) * x.N * c.D, to.begin() + std::ptrdiff_t(bh + 1) * x.N * c.D);
+          r.insert(r.end(), from.begin() + std::ptrdiff_t(bh) * e.N * c.D, from.begin() + std::ptrdiff_t(bh + 1) * e.N * c.D);
+        }
+        to = std::move(r);
+      };
+      append(x.q, e.q, c.Hq);
+      append(x.k, e.k, c.Hkv);
+      append(x.v, e.v, c.Hkv);
+      x.N = N;
+    }
+    const std::vector<int64_t> oshape = c.layout == hnd ? std::vector<int64_t>{c.B, c.Hq, N, c.D}
+                                                         : std::vector<int64_t>{c.B, N, c.Hq, c.D};
+    SpargeOptions opt;
+    opt.attention.layout = c.layout;
+    opt.hilbert = c.grid;
+    opt.block_q = 64;  // more blocks of these short sequences (a multiple of every backend's tile)
+    SpargeParams p = sp(0.3f, 0.95f, 0.0f, c.dense);
+    p.pvthreshd = c.pv;
+    Tensor q = upload_as(ctx, x.q, c.B, c.Hq, N, c.D, c.dtype, c.layout, c.pad);
+    Tensor k = upload_as(ctx, x.k, c.B, c.Hkv, N, c.D, c.dtype, c.layout, c.pad);
+    Tensor v = upload_as(ctx, x.v, c.B, c.Hkv, N, c.D, c.dtype, c.layout, c.pad);
+    const auto q0 = bits_of(ctx, q), k0 = bits_of(ctx, k), v0 = bits_of(ctx, v);
+    Tensor out = ctx.empty(c.dtype, oshape);
+    SpargeStats st;
+    sparge_attention(ctx, q, k, v, out, opt, {p}, &st);
+    const auto got = bits_of(ctx, out);
+    CHECK(bits_of(ctx, q) == q0);
+    CHECK(bits_of(ctx, k) == k0);
+    CHECK(bits_of(ctx, v) == v0);
+
+    SpargeOptions plain = opt;
+    plain.hilbert.reset();
+    Tensor want = ctx.empty(c.dtype, oshape);
+    SpargeStats st2;
+    if (c.dense && !std::isfinite(c.pv)) {
+      sparge_attention(ctx, q, k, v, want, plain, {p}, &st2);
+    } else {
+      const auto order = hilbert_order(c.grid);
+      Tensor qh = ctx.empty(c.dtype, q.shape()), kh = ctx.empty(c.dtype, k.shape()), vh = ctx.empty(c.dtype, v.shape());
+      Tensor oh = ctx.empty(c.dtype, oshape);
+      permute_tokens(ctx, q, qh, order, c.layout);
+      permute_tokens(ctx, k, kh, order, c.layout);
+      permute_tokens(ctx, v, vh, order, c.layout);
+      sparge_attention(ctx, qh, kh, vh, oh, plain, {p}, &st2);
+      permute_tokens(ctx, oh, want, inverse_permutation(order), c.layout);
+    }
+    CHECK(got == bits_of(ctx, want));
+    CHECK(st.blocks_computed == st2.blocks_computed);
+    CHECK(st.pv_skipped == st2.pv_skipped);
+    CHECK(st.pv_total == st2.pv_total);
+    if (!c.dense) CHECK(st.block_sparsity > 0.0);
+
+    if (ref) {
+      Tensor rq = upload_as(*ref, x.q, c.B, c.Hq, N, c.D, c.dtype, c.layout, c.pad);
+      Tensor rk = upload_as(*ref, x.k, c.B, c.Hkv, N, c.D, c.dtype, c.layout, c.pad);
+      Tensor rv = upload_as(*ref, x.v, c.B, c.Hkv, N, c.D, c.dtype, c.layout, c.pad);
+      Tensor ro = ref->empty(c.dtype, oshape);
+      SpargeStats sr;
+      sparge_attention(*ref, rq, rk, rv, ro, opt, {p}, &sr);
+      const auto rb = bits_of(*ref, ro);
+      double num = 0, den = 0;
+      for (std::size_t i = 0; i < rb.size(); ++i) {
+        const double a = reference::load_16(got[i], c.dtype), b = reference::load_16(rb[i], c.dtype);
+        num += std::fabs(a - b), den += std::fabs(b);
+      }
+      // FP8 P·V (the CUDA default on sm_89+) against the reference's FP16 P·V: the e4m3 rounding of P and V
+      const double tol = ctx.default_pv_precision() == PVPrecision::Fp8 ? 0.08 : 0.01;
+      CHECK(num <= tol * den);
+      CHECK(st.blocks_computed == sr.blocks_computed);
+    }
+  }
+}
+
+TEST_CASE("hilbert (reference): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
+  Context ctx = Context::create(Backend::Reference);
+  check_hilbert_calls(ctx);
+}
+TEST_CASE("hilbert (Vulkan): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
+  if (auto gpu = device_context(Backend::Vulkan)) check_hilbert_calls(*gpu);
+}
+TEST_CASE("hilbert (CUDA): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
+  if (auto gpu = device_context(Backend::Cuda)) check_hilbert_calls(*gpu);
+}
+
 TEST_CASE("device predictor (Vulkan): the reference's LUT bit for bit") {
   if (auto gpu = device_context(Backend::Vulkan)) check_device_predictor(*gpu);
 }

@@ -335,26 +335,38 @@ bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
 }
 
 bool CudaBackend::permute_tokens(const PermuteProblem& pp) {
-  if (pp.elem_bytes != 2 || pp.heads > 65535 || pp.batch > 65535) return false;
+  if (pp.elem_bytes != 2 || pp.batch > 65535) return false;
+  for (const PermuteProblem::Pair& t : pp.pairs)
+    if (t.heads > 65535) return false;
   DeviceGuard guard(device_);
   const std::size_t n = pp.order->size();
-  std::vector<int32_t> order(n);
-  for (std::size_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>((*pp.order)[i]);
-  char* ws = static_cast<char*>(reserve_sparge(std::max<std::size_t>(n, 1) * sizeof(int32_t)));
-  if (n) check(cudaMemcpyAsync(ws, order.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
-               "cudaMemcpyAsync (token order)");
-  cuda::PermuteParams c;
-  c.src.data = operand_pointer(pp.src);
-  c.src.stride_b = pp.src.stride_batch, c.src.stride_h = pp.src.stride_head, c.src.stride_t = pp.src.stride_token;
-  c.dst = const_cast<char*>(operand_pointer(pp.dst));
-  c.dst_stride_b = pp.dst.stride_batch, c.dst_stride_h = pp.dst.stride_head, c.dst_stride_t = pp.dst.stride_token;
-  c.batch = pp.batch, c.heads = pp.heads, c.tokens = pp.tokens, c.head_dim = pp.head_dim;
-  c.order = reinterpret_cast<const int32_t*>(ws);
-  c.order_size = static_cast<int>(n);
-  if (const int e = cuda::launch_permute(c, stream_); e != 0)
-    cuda_fail(static_cast<cudaError_t>(e), "launching the token permutation");
-  // The order lives in the SpargeAttn workspace, which the next call may reuse: finish here.
-  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (token permutation)");
+  // The runtime's cached device copy of the order stays valid while the launches run; an order given by hand
+  // is uploaded into the SpargeAttn workspace, which the next call may reuse: that path finishes before returning.
+  const bool upload = pp.order_device.storage == nullptr;
+  const int32_t* order = nullptr;
+  if (upload) {
+    std::vector<int32_t> host(n);
+    for (std::size_t i = 0; i < n; ++i) host[i] = static_cast<int32_t>((*pp.order)[i]);
+    char* ws = static_cast<char*>(reserve_sparge(std::max<std::size_t>(n, 1) * sizeof(int32_t)));
+    if (n) check(cudaMemcpyAsync(ws, host.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
+                 "cudaMemcpyAsync (token order)");
+    order = reinterpret_cast<const int32_t*>(ws);
+  } else {
+    order = reinterpret_cast<const int32_t*>(operand_pointer(pp.order_device));
+  }
+  for (const PermuteProblem::Pair& t : pp.pairs) {
+    cuda::PermuteParams c;
+    c.src.data = operand_pointer(t.src);
+    c.src.stride_b = t.src.stride_batch, c.src.stride_h = t.src.stride_head, c.src.stride_t = t.src.stride_token;
+    c.dst = const_cast<char*>(operand_pointer(t.dst));
+    c.dst_stride_b = t.dst.stride_batch, c.dst_stride_h = t.dst.stride_head, c.dst_stride_t = t.dst.stride_token;
+    c.batch = pp.batch, c.heads = t.heads, c.tokens = pp.tokens, c.head_dim = pp.head_dim;
+    c.order = order;
+    c.order_size = static_cast<int>(n);
+    if (const int e = cuda::launch_permute(c, stream_); e != 0)
+      cuda_fail(static_cast<cudaError_t>(e), "launching the token permutation");
+  }
+  if (upload) check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (token permutation)");
   return true;
 }
 

@@ -749,41 +749,78 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
 bool VulkanBackend::permute_tokens(const PermuteProblem& pp) {
   const auto& limits = dev_->properties().limits;
   if (pp.elem_bytes != 2 || std::uint32_t(pp.tokens) > limits.maxComputeWorkGroupCount[0] ||
-      std::uint32_t(pp.heads) > limits.maxComputeWorkGroupCount[1] ||
       std::uint32_t(pp.batch) > limits.maxComputeWorkGroupCount[2] || pp.order->size() > std::size_t(INT32_MAX))
     return false;
-  const int B = pp.batch, H = pp.heads, N = pp.tokens, D = pp.head_dim;
-  if (B == 0 || H == 0 || N == 0 || D == 0) return true;
-  SpgParams prm{};
-  prm.D = D;
-  BindSet binds;
-  binds.fill(BindRange{dummy_.buffer, 0, dummy_.size});
-  binds[0] = {spg_params_.buffer, 0, sizeof(SpgParams)};
-  OperandBinding src = bind_operand(*dev_, pp.src, 2, last_index(pp.src, B, H, N, D), "src");
-  OperandBinding dst = bind_operand(*dev_, pp.dst, 2, last_index(pp.dst, B, H, N, D), "dst");
-  binds[1] = src.range, binds[12] = dst.range;
-  prm.p_off = src.first, prm.p_sb = u32(pp.src.stride_batch, "stride"), prm.p_sh = u32(pp.src.stride_head, "stride");
-  prm.p_st = u32(pp.src.stride_token, "stride");
-  prm.d_off = dst.first, prm.d_sb = u32(pp.dst.stride_batch, "stride"), prm.d_sh = u32(pp.dst.stride_head, "stride");
-  prm.d_st = u32(pp.dst.stride_token, "stride");
-  prm.p_heads = H, prm.p_tokens = N, prm.p_order = static_cast<std::uint32_t>(pp.order->size());
-  // The order as int32, through the staging buffer.
-  const VkDeviceSize order_bytes = std::max<VkDeviceSize>(4, VkDeviceSize(pp.order->size()) * 4);
-  ensure(spg_order_, order_bytes);
-  binds[13] = {spg_order_.buffer, 0, spg_order_.size};
-  ensure(staging_, order_bytes, true);
+  for (const PermuteProblem::Pair& t : pp.pairs)
+    if (std::uint32_t(t.heads) > limits.maxComputeWorkGroupCount[1]) return false;
+  const int B = pp.batch, N = pp.tokens, D = pp.head_dim;
+  if (B == 0 || N == 0 || D == 0 || pp.pairs.empty()) return true;
+  const std::size_t n = pp.order->size();
+  // The order: the runtime's cached copy, bound in place when it starts at a descriptor boundary (the kernel
+  // reads it from element 0); otherwise uploaded through the staging buffer.
+  BindRange order_range;
+  bool staged = true;
+  if (pp.order_device.storage && n > 0) {
+    OperandBinding o = bind_operand(*dev_, pp.order_device, 4, int64_t(n) - 1, "order");
+    if (o.first == 0) order_range = o.range, staged = false;
+  }
+  const VkDeviceSize order_bytes = std::max<VkDeviceSize>(4, VkDeviceSize(n) * 4);
+  if (staged) {
+    // ensure() may drop every descriptor set: before any is made
+    ensure(spg_order_, order_bytes);
+    ensure(staging_, order_bytes, true);
+    order_range = {spg_order_.buffer, 0, spg_order_.size};
+  }
+  // One set per pair, all made before recording (a full pool is reset only here, never under a set in use).
+  if (dsets_.size() + pp.pairs.size() > kMaxSets) {
+    wait();
+    reset_descriptors();
+  }
+  std::vector<SpgParams> prms(pp.pairs.size());
+  std::vector<VkDescriptorSet> sets(pp.pairs.size());
+  for (std::size_t i = 0; i < pp.pairs.size(); ++i) {
+    const PermuteProblem::Pair& t = pp.pairs[i];
+    SpgParams& prm = prms[i];
+    prm = SpgParams{};
+    prm.D = D;
+    BindSet binds;
+    binds.fill(BindRange{dummy_.buffer, 0, dummy_.size});
+    binds[0] = {spg_params_.buffer, 0, sizeof(SpgParams)};
+    OperandBinding src = bind_operand(*dev_, t.src, 2, last_index(t.src, B, t.heads, N, D), "src");
+    OperandBinding dst = bind_operand(*dev_, t.dst, 2, last_index(t.dst, B, t.heads, N, D), "dst");
+    binds[1] = src.range, binds[12] = dst.range, binds[13] = order_range;
+    prm.p_off = src.first, prm.p_sb = u32(t.src.stride_batch, "stride"), prm.p_sh = u32(t.src.stride_head, "stride");
+    prm.p_st = u32(t.src.stride_token, "stride");
+    prm.d_off = dst.first, prm.d_sb = u32(t.dst.stride_batch, "stride"), prm.d_sh = u32(t.dst.stride_head, "stride");
+    prm.d_st = u32(t.dst.stride_token, "stride");
+    prm.p_heads = t.heads, prm.p_tokens = N, prm.p_order = static_cast<std::uint32_t>(n);
+    sets[i] = descriptor_set(binds);
+  }
   VkPipeline permute = dev_->pipeline("sparge_permute", {});
-  VkDescriptorSet set = descriptor_set(binds);
   begin();  // waits for earlier work, so the staging buffer is free
-  auto* staged = static_cast<std::int32_t*>(staging_.mapped);
-  for (std::size_t i = 0; i < pp.order->size(); ++i) staged[i] = static_cast<std::int32_t>((*pp.order)[i]);
-  vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &prm);
-  VkBufferCopy region{0, 0, order_bytes};
-  vkCmdCopyBuffer(cmd_, staging_.buffer, spg_order_.buffer, 1, &region);
-  barrier_transfer_to_compute();
-  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  if (staged) {
+    auto* out = static_cast<std::int32_t*>(staging_.mapped);
+    for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<std::int32_t>((*pp.order)[i]);
+    VkBufferCopy region{0, 0, order_bytes};
+    vkCmdCopyBuffer(cmd_, staging_.buffer, spg_order_.buffer, 1, &region);
+  }
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, permute);
-  vkCmdDispatch(cmd_, N, H, B);
+  // All pairs in one submission. The parameter block is one buffer: before it is rewritten for the next pair,
+  // the previous dispatch must have read it (and, in general, written its rows).
+  for (std::size_t i = 0; i < pp.pairs.size(); ++i) {
+    if (i > 0) {
+      VkMemoryBarrier mb{VK_STRUCTURE_TYPE_MEMORY_BARRIER};
+      mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT;
+      mb.dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT;
+      vkCmdPipelineBarrier(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                           VK_PIPELINE_STAGE_TRANSFER_BIT | VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, 0, 1, &mb, 0, nullptr,
+                           0, nullptr);
+    }
+    vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &prms[i]);
+    barrier_transfer_to_compute();
+    vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &sets[i], 0, nullptr);
+    vkCmdDispatch(cmd_, N, pp.pairs[i].heads, B);
+  }
   submit();
   return true;
 }

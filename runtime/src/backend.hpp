@@ -96,13 +96,28 @@ struct SpargePredictProblem {
   Operand counts, indices;  // outputs: I32 [B, Hq, nQB] and [B, Hq, nQB, nKB] (contiguous)
 };
 
-// dst[b, h, i] = src[b, h, order[i]] for i < order.size(), dst[b, h, i] = src[b, h, i] beyond: token rows of
-// D elements of `elem_bytes` each (canonical strides).
+// For every (src, dst) pair: dst[b, h, i] = src[b, h, order[i]] for i < order.size(), dst[b, h, i] =
+// src[b, h, i] beyond: token rows of D elements of `elem_bytes` each (canonical strides). sparge_attention
+// passes q, k and v as three pairs of one problem (heads may differ: GQA); src and dst never overlap.
 struct PermuteProblem {
-  int batch = 0, heads = 0, tokens = 0, head_dim = 0;
+  struct Pair {
+    int heads = 0;
+    Operand src, dst;
+  };
+  int batch = 0, tokens = 0, head_dim = 0;
   std::size_t elem_bytes = 2;
-  Operand src, dst;
-  const std::vector<int64_t>* order = nullptr;
+  std::vector<Pair> pairs;
+  const std::vector<int64_t>* order = nullptr;  // always set (host copy)
+  // The same order as I32 [order->size()] in this backend's memory, cached by the runtime per grid and kept
+  // alive until the work that reads it has finished: with it the backend needs neither an upload nor a
+  // synchronization. storage == nullptr: not given (the backend copies *order to the device itself).
+  Operand order_device;
+};
+
+// State the runtime keeps per context (SpargeAttn's Hilbert orders and scratch tensors, sparge_attention.cpp).
+// Opaque to the backends.
+struct RuntimeCache {
+  virtual ~RuntimeCache() = default;
 };
 
 class BackendImpl {
@@ -138,6 +153,10 @@ class BackendImpl {
   virtual void synchronize() = 0;
   virtual void set_profiling(bool enabled) { profiling_ = enabled; }
   virtual Timing last_timing() const { return timing_; }
+
+  // Used by the runtime only. Context::create drops it when the last copy of the Context goes away: it holds
+  // tensors, and a Vulkan storage keeps its backend alive, so the backend's own destructor would never run.
+  std::unique_ptr<RuntimeCache> runtime_cache;
 
  protected:
   bool profiling_ = false;

@@ -81,9 +81,22 @@ void copy_strided(std::byte* dst, const std::byte* src, const std::vector<int64_
 
 using detail::fail;
 
+namespace {
+// What the copies of one Context share: the backend, whose runtime cache is dropped when the last copy goes
+// away (BackendImpl::runtime_cache: the backend cannot drop it itself while the cache's tensors keep it alive).
+struct ContextState {
+  std::shared_ptr<detail::BackendImpl> impl;
+  ~ContextState() {
+    if (impl) impl->runtime_cache.reset();  // null when the backend could not be made
+  }
+};
+}  // namespace
+
 Context Context::create(Backend backend, int device) {
+  auto state = std::make_shared<ContextState>();
+  state->impl = detail::make_backend(backend, device);
   Context ctx;
-  ctx.impl_ = detail::make_backend(backend, device);
+  ctx.impl_ = std::shared_ptr<detail::BackendImpl>(state, state->impl.get());  // aliasing: owns the state
   return ctx;
 }
 

@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 
 namespace sparq {
 namespace {
@@ -187,35 +188,30 @@ std::vector<int64_t> inverse_permutation(const std::vector<int64_t>& order) {
   return inv;
 }
 
-void permute_tokens(Context& ctx, const Tensor& src, Tensor& dst, const std::vector<int64_t>& order, Layout layout) {
-  const char* what = "permute_tokens";
-  if (!src.defined() || !dst.defined()) sparge::bad(what, "src and dst must be defined tensors");
-  if (src.rank() != 4) sparge::bad(what, "src must have 4 dimensions, got shape " + detail::shape_string(src.shape()));
-  if (dst.shape() != src.shape() || dst.dtype() != src.dtype())
-    sparge::bad(what, "dst (" + std::string(to_string(dst.dtype())) + " " + detail::shape_string(dst.shape()) +
-                          ") must have src's dtype and shape (" + to_string(src.dtype()) + " " +
-                          detail::shape_string(src.shape()) + ")");
-  if (dst.storage() == src.storage()) sparge::bad(what, "dst must not share memory with src");
+namespace sparge {
+namespace {
+
+// The per-context state behind grid_order() and scratch().
+struct Cache : detail::RuntimeCache {
+  // Most recently used first. A model sees few grids (one per resolution); 8 covers alternating between them.
+  static constexpr std::size_t kGrids = 8;
+  std::vector<std::shared_ptr<const GridOrder>> grids;
+  std::array<Tensor, 6> slots;  // indexed by Scratch
+};
+
+Cache& cache_of(Context& ctx) {
+  auto& c = ctx.impl().runtime_cache;
+  if (!c) c = std::make_unique<Cache>();
+  auto* mine = dynamic_cast<Cache*>(c.get());
+  if (!mine) detail::fail(Status::Internal, "sparge: the context's runtime cache holds something else");
+  return *mine;
+}
+
+// Through host memory: for backends without a device permutation and for rows that are not contiguous.
+void permute_on_host(Context& ctx, const Tensor& src, Tensor& dst, const std::vector<int64_t>& order, Layout layout) {
   const auto& s = src.shape();
   const int64_t tokens = layout == Layout::HND ? s[2] : s[1];
-  if (static_cast<int64_t>(order.size()) > tokens)
-    sparge::bad(what, "the order has " + std::to_string(order.size()) + " entries, more than the " +
-                          std::to_string(tokens) + " tokens");
-  inverse_permutation(order);  // checks it is a permutation
   const std::size_t elem = dtype_size(src.dtype());
-  // On the device where the backend can (rows with a contiguous last dimension).
-  if (src.strides()[3] == 1 && dst.strides()[3] == 1) {
-    detail::PermuteProblem pp;
-    pp.batch = static_cast<int>(s[0]);
-    pp.heads = static_cast<int>(layout == Layout::HND ? s[1] : s[2]);
-    pp.tokens = static_cast<int>(tokens);
-    pp.head_dim = static_cast<int>(s[3]);
-    pp.elem_bytes = elem;
-    pp.src = detail::operand(src, layout);
-    pp.dst = detail::operand(dst, layout);
-    pp.order = &order;
-    if (src.numel() == 0 || ctx.impl().permute_tokens(pp)) return;
-  }
   std::vector<std::byte> in(static_cast<std::size_t>(src.numel()) * elem), out(in.size());
   ctx.to_host(src, in.data());
   // contiguous host copy: token stride and the number of outer "slices" depend on the layout
@@ -233,6 +229,111 @@ void permute_tokens(Context& ctx, const Tensor& src, Tensor& dst, const std::vec
     }
   }
   ctx.from_host(dst, out.data());
+}
+
+}  // namespace
+
+std::shared_ptr<const GridOrder> grid_order(Context& ctx, const TokenGrid& grid) {
+  Cache& c = cache_of(ctx);
+  for (std::size_t i = 0; i < c.grids.size(); ++i) {
+    const GridOrder& g = *c.grids[i];
+    if (g.grid.t == grid.t && g.grid.h == grid.h && g.grid.w == grid.w) {
+      std::rotate(c.grids.begin(), c.grids.begin() + static_cast<std::ptrdiff_t>(i),
+                  c.grids.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+      return c.grids.front();
+    }
+  }
+  auto g = std::make_shared<GridOrder>();
+  g->grid = grid;
+  g->order = hilbert_order(grid);
+  g->inverse = inverse_permutation(g->order);
+  // int32 on the device: the grid has at most Nq (an int) tokens, checked by the caller
+  std::vector<int32_t> o32(g->order.begin(), g->order.end()), i32(g->inverse.begin(), g->inverse.end());
+  const int64_t n = static_cast<int64_t>(o32.size());
+  g->order_device = ctx.from_host(DType::I32, {n}, o32.data());
+  g->inverse_device = ctx.from_host(DType::I32, {n}, i32.data());
+  // An evicted order may still be read by queued work: its memory is freed like any tensor's, after that work.
+  if (c.grids.size() == Cache::kGrids) c.grids.pop_back();
+  c.grids.insert(c.grids.begin(), std::move(g));
+  return c.grids.front();
+}
+
+Tensor scratch(Context& ctx, Scratch slot, DType dtype, const std::vector<int64_t>& shape) {
+  Tensor& t = cache_of(ctx).slots.at(static_cast<std::size_t>(slot));
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  const std::size_t bytes = static_cast<std::size_t>(numel) * dtype_size(dtype);
+  if (!t.defined() || t.dtype() != dtype || t.storage()->bytes < bytes) {
+    t = Tensor();  // free the old buffer first (a device waits for queued work that reads it): a lower peak
+    t = ctx.empty(dtype, {std::max<int64_t>(numel, 1)});
+  }
+  return t.view(shape, detail::contiguous_strides(shape));
+}
+
+void permute_pairs(Context& ctx, const std::vector<std::pair<Tensor, Tensor>>& pairs, const std::vector<int64_t>& order,
+                   const Tensor* order_device, Layout layout) {
+  // One backend call for the pairs whose rows are contiguous (all of them in sparge_attention: q, k and v have
+  // one batch, token count and head dim there); the others, and all of them if the backend declines, on the host.
+  detail::PermuteProblem pp;
+  std::vector<const std::pair<Tensor, Tensor>*> on_device, on_host;
+  for (const auto& pr : pairs) {
+    const Tensor& src = pr.first;
+    const Tensor& dst = pr.second;
+    if (src.numel() == 0) continue;
+    const auto& s = src.shape();
+    const int batch = static_cast<int>(s[0]);
+    const int heads = static_cast<int>(layout == Layout::HND ? s[1] : s[2]);
+    const int tokens = static_cast<int>(layout == Layout::HND ? s[2] : s[1]);
+    const int dim = static_cast<int>(s[3]);
+    const std::size_t elem = dtype_size(src.dtype());
+    const bool same = pp.pairs.empty() || (pp.batch == batch && pp.tokens == tokens && pp.head_dim == dim &&
+                                           pp.elem_bytes == elem);
+    if (src.strides()[3] != 1 || dst.strides()[3] != 1 || !same) {
+      on_host.push_back(&pr);
+      continue;
+    }
+    pp.batch = batch, pp.tokens = tokens, pp.head_dim = dim, pp.elem_bytes = elem;
+    detail::PermuteProblem::Pair p;
+    p.heads = heads;
+    p.src = detail::operand(src, layout);
+    p.dst = detail::operand(dst, layout);
+    pp.pairs.push_back(p);
+    on_device.push_back(&pr);
+  }
+  if (!pp.pairs.empty()) {
+    pp.order = &order;
+    if (order_device) {
+      pp.order_device.storage = order_device->storage();
+      pp.order_device.offset_bytes = order_device->offset_bytes();
+      pp.order_device.dtype = DType::I32;
+    }
+    if (!ctx.impl().permute_tokens(pp)) on_host.insert(on_host.end(), on_device.begin(), on_device.end());
+  }
+  for (const auto* pr : on_host) {
+    Tensor dst = pr->second;
+    permute_on_host(ctx, pr->first, dst, order, layout);
+  }
+}
+
+}  // namespace sparge
+
+void permute_tokens(Context& ctx, const Tensor& src, Tensor& dst, const std::vector<int64_t>& order, Layout layout) {
+  const char* what = "permute_tokens";
+  if (!src.defined() || !dst.defined()) sparge::bad(what, "src and dst must be defined tensors");
+  if (src.rank() != 4) sparge::bad(what, "src must have 4 dimensions, got shape " + detail::shape_string(src.shape()));
+  if (dst.shape() != src.shape() || dst.dtype() != src.dtype())
+    sparge::bad(what, "dst (" + std::string(to_string(dst.dtype())) + " " + detail::shape_string(dst.shape()) +
+                          ") must have src's dtype and shape (" + to_string(src.dtype()) + " " +
+                          detail::shape_string(src.shape()) + ")");
+  if (dst.storage() == src.storage()) sparge::bad(what, "dst must not share memory with src");
+  const auto& s = src.shape();
+  const int64_t tokens = layout == Layout::HND ? s[2] : s[1];
+  if (static_cast<int64_t>(order.size()) > tokens)
+    sparge::bad(what, "the order has " + std::to_string(order.size()) + " entries, more than the " +
+                          std::to_string(tokens) + " tokens");
+  inverse_permutation(order);  // checks it is a permutation
+  // An order given by hand is not cached: the backend uploads it (and, on CUDA, waits for the copy).
+  sparge::permute_pairs(ctx, {{src, dst}}, order, nullptr, layout);
 }
 
 }  // namespace sparq

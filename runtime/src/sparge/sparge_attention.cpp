@@ -74,9 +74,11 @@ detail::Operand contiguous_operand(const Tensor& t) {
 
 // Stage 1 on the device when the context's backend has a predictor (the LUT never leaves the device);
 // nullopt otherwise. `p`: the validated problem of q and k. lut receives the geometry and the block counts
-// (the computed count only when `count_computed`, which downloads the counts).
+// (the computed count only when `count_computed`, which downloads the counts). `scratch_lut`: the LUT goes to
+// the context's scratch (sparge_attention, which consumes it at once) instead of new tensors (returned masks).
 std::optional<BlockMask> predict_on_device(Context& ctx, const detail::AttentionProblem& p, const SpargeOptions& options,
-                                           const std::vector<SpargeParams>& params, bool count_computed, Lut& lut) {
+                                           const std::vector<SpargeParams>& params, bool count_computed, Lut& lut,
+                                           bool scratch_lut) {
   if (host_predictor_forced()) return std::nullopt;
   const Geometry g = geometry(p.tokens_q, p.tokens_k, options);
   detail::SpargePredictProblem sp;
@@ -97,8 +99,12 @@ std::optional<BlockMask> predict_on_device(Context& ctx, const detail::Attention
     sp.topk.push_back(h.topk);
     sp.dense.push_back(h.dense ? 1 : 0);
   }
-  Tensor counts = ctx.empty(DType::I32, {p.batch, p.heads_q, sp.blocks_q});
-  Tensor indices = ctx.empty(DType::I32, {p.batch, p.heads_q, sp.blocks_q, sp.blocks_k});
+  const std::vector<int64_t> counts_shape = {p.batch, p.heads_q, sp.blocks_q};
+  const std::vector<int64_t> indices_shape = {p.batch, p.heads_q, sp.blocks_q, sp.blocks_k};
+  Tensor counts =
+      scratch_lut ? scratch(ctx, Scratch::Counts, DType::I32, counts_shape) : ctx.empty(DType::I32, counts_shape);
+  Tensor indices =
+      scratch_lut ? scratch(ctx, Scratch::Indices, DType::I32, indices_shape) : ctx.empty(DType::I32, indices_shape);
   sp.counts = contiguous_operand(counts);
   sp.indices = contiguous_operand(indices);
   if (p.batch == 0 || p.heads_q == 0 || sp.blocks_q == 0 || sp.blocks_k == 0 || !ctx.impl().sparge_predict(sp))
@@ -128,7 +134,7 @@ BlockMask predict_block_mask(Context& ctx, const Tensor& q, const Tensor& k, con
   detail::AttentionProblem p = detail::make_problem(ctx, q, k, k, scratch, options.attention, nullptr, nullptr);
   std::vector<SpargeParams> params = sparge::resolve_params(per_head, p.heads_q, what);
   sparge::Lut lut;
-  std::optional<BlockMask> mask = sparge::predict_on_device(ctx, p, options, params, stats != nullptr, lut);
+  std::optional<BlockMask> mask = sparge::predict_on_device(ctx, p, options, params, stats != nullptr, lut, false);
   if (!mask) {
     sparge::HostTensor hq = sparge::download(ctx, q, options.attention.layout);
     sparge::HostTensor hk = sparge::download(ctx, k, options.attention.layout);
@@ -164,8 +170,10 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   const bool all_dense = std::all_of(params.begin(), params.end(), [](const SpargeParams& s) { return s.dense; });
 
   // Hilbert order: permuted copies of q, k, v and a scratch output (not needed by dense attention, which
-  // does not depend on the order of tokens).
-  std::vector<int64_t> order;
+  // does not depend on the order of tokens). The copies live in the context's grow-only scratch and the order
+  // (with its inverse) is cached per grid on the device, so a call in steady state allocates nothing, uploads
+  // nothing and does not wait for the device between the permutations.
+  std::shared_ptr<const sparge::GridOrder> order;
   Tensor qp = q, kp = k, vp = v, outp = out;
   const bool permute = options.hilbert && !(all_dense && lambda.empty());
   if (options.hilbert) {
@@ -184,14 +192,12 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
       sparge::bad(what, "options.hilbert cannot be combined with a causal mask (the order of tokens changes)");
   }
   if (permute) {
-    order = hilbert_order(*options.hilbert);
-    qp = ctx.empty(q.dtype(), q.shape());
-    kp = ctx.empty(k.dtype(), k.shape());
-    vp = ctx.empty(v.dtype(), v.shape());
-    outp = ctx.empty(out.dtype(), out.shape());
-    permute_tokens(ctx, q, qp, order, layout);
-    permute_tokens(ctx, k, kp, order, layout);
-    permute_tokens(ctx, v, vp, order, layout);
+    order = sparge::grid_order(ctx, *options.hilbert);
+    qp = sparge::scratch(ctx, sparge::Scratch::Q, q.dtype(), q.shape());
+    kp = sparge::scratch(ctx, sparge::Scratch::K, k.dtype(), k.shape());
+    vp = sparge::scratch(ctx, sparge::Scratch::V, v.dtype(), v.shape());
+    outp = sparge::scratch(ctx, sparge::Scratch::Out, out.dtype(), out.shape());
+    sparge::permute_pairs(ctx, {{q, qp}, {k, kp}, {v, vp}}, order->order, &order->order_device, layout);
   }
 
   // Stage 1 on the host; a layer of dense heads needs no prediction (and no mask).
@@ -204,7 +210,7 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   } else {
     detail::AttentionProblem pp = p;
     if (permute) pp = detail::make_problem(ctx, qp, kp, vp, outp, options.attention, nullptr, nullptr);
-    mask = sparge::predict_on_device(ctx, pp, options, params, stats != nullptr, lut);
+    mask = sparge::predict_on_device(ctx, pp, options, params, stats != nullptr, lut, true);
     if (!mask) {
       sparge::HostTensor hq = sparge::download(ctx, qp, layout);
       sparge::HostTensor hk = sparge::download(ctx, kp, layout);
@@ -217,7 +223,7 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   sparge::attention_with_stage2(ctx, qp, kp, vp, outp, options.attention, mask ? &*mask : nullptr, lambda,
                                 stats && !lambda.empty() ? &backend_stats : nullptr);
 
-  if (permute) permute_tokens(ctx, outp, out, inverse_permutation(order), layout);
+  if (permute) sparge::permute_pairs(ctx, {{outp, out}}, order->inverse, &order->inverse_device, layout);
   if (stats) {
     *stats = SpargeStats{};
     stats->blocks_valid = lut.valid;

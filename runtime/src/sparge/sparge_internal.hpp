@@ -6,7 +6,9 @@
 #include "backend.hpp"
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace sparq::sparge {
@@ -105,6 +107,33 @@ Lut predict_lut(const HostTensor& q, const HostTensor& k, const SpargeOptions& o
 // Checks block sizes and per-head parameters; returns them resolved to Hq entries. `what` prefixes errors.
 std::vector<SpargeParams> resolve_params(const std::vector<SpargeParams>& per_head, int heads_q, const char* what);
 void check_blocks(const Context& ctx, const SpargeOptions& options, const char* what);
+
+// ---- per-context state of sparge_attention (hilbert.cpp) ---------------------------------------------------
+// Kept in the backend's runtime cache, dropped with the last copy of the Context. Not locked: a Context (with
+// its copies) is used by one thread at a time, which the backends' own grow-only workspaces already require.
+
+// The Hilbert order of one grid: order and inverse on the host, and int32 copies in the context's memory (read
+// by the device permutation without an upload per call).
+struct GridOrder {
+  TokenGrid grid;
+  std::vector<int64_t> order, inverse;
+  Tensor order_device, inverse_device;  // I32 [grid.tokens()]
+};
+// The order of `grid`, computed and uploaded on its first use; the context keeps the most recently used grids.
+std::shared_ptr<const GridOrder> grid_order(Context& ctx, const TokenGrid& grid);
+
+// Grow-only scratch of the context: one buffer per slot, reused by every call.
+enum class Scratch { Q, K, V, Out, Counts, Indices };
+// A contiguous tensor of `dtype` and `shape` in the slot's buffer (its contents are whatever the last user left),
+// which grows when it is too small (or holds another dtype). Valid until the next scratch() of the same slot;
+// work queued on it is ordered before later work of the context (one stream / queue), so reuse is safe.
+Tensor scratch(Context& ctx, Scratch slot, DType dtype, const std::vector<int64_t>& shape);
+
+// permute_tokens() for several (src, dst) pairs with one order, already validated (src and dst of a pair have
+// one shape and dtype and do not overlap; the order is a permutation of at most N tokens). One backend call
+// for all pairs where the backend can; `order_device` (I32, may be null) is the order in the context's memory.
+void permute_pairs(Context& ctx, const std::vector<std::pair<Tensor, Tensor>>& pairs, const std::vector<int64_t>& order,
+                   const Tensor* order_device, Layout layout);
 
 // ---- stage 2 -----------------------------------------------------------------------------------------------
 
