@@ -4,7 +4,7 @@
 //   pool     per (block, head, batch): raw K block sums, or block means and self-similarities of Q / smoothed K;
 //   kmean    per (batch, kv head, channel): the prediction's K mean;
 //   select   per 4 query blocks of a (query head, batch): logits, masses, rank by counting, τ / top-k, LUT rows;
-//   permute  per (token, head, batch): a token row of the Hilbert permutation.
+//   permute  per (16-byte piece or element of a row, head, batch): the Hilbert permutation.
 // Channel sums: a lane's balanced sub-tree of consecutive channels, then a butterfly over lanes; token sums: a
 // thread's sub-tree of 8 consecutive tokens, then 8-token groups through shared memory, then 64-token chunks
 // through a counter in registers. Each is the tree of the specification because aligned sub-trees stay together.
@@ -504,14 +504,22 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const PoolArgs a
   }
 }
 
-__global__ void permute_kernel(const PermuteParams p) {
-  const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int j = i < p.order_size ? p.order[i] : i;
+// One thread per 16-byte piece of a row (Vec = uint4, when every row start is 16-byte aligned) or per element
+// (Vec = uint16_t): consecutive threads copy consecutive pieces, so a warp moves whole rows with wide accesses.
+template <typename Vec>
+__global__ void __launch_bounds__(256) permute_kernel(const PermuteParams p) {
+  constexpr int kPer = sizeof(Vec) / 2;  // elements per piece
+  const int pieces = p.head_dim / kPer;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= static_cast<int64_t>(p.tokens) * pieces) return;
+  const int i = static_cast<int>(item / pieces), c = static_cast<int>(item % pieces) * kPer;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int j = i < p.order_size ? __ldg(p.order + i) : i;
   const uint16_t* src = static_cast<const uint16_t*>(p.src.data) + b * p.src.stride_b + h * p.src.stride_h +
-                        static_cast<int64_t>(j) * p.src.stride_t;
+                        static_cast<int64_t>(j) * p.src.stride_t + c;
   uint16_t* dst = static_cast<uint16_t*>(p.dst) + b * p.dst_stride_b + h * p.dst_stride_h +
-                  static_cast<int64_t>(i) * p.dst_stride_t;
-  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) dst[c] = src[c];
+                  static_cast<int64_t>(i) * p.dst_stride_t + c;
+  *reinterpret_cast<Vec*>(dst) = *reinterpret_cast<const Vec*>(src);
 }
 
 struct Workspace {
@@ -585,7 +593,16 @@ int launch_sparge_predict(const SpargePredictParams& p, void* stream) {
 
 int launch_permute(const PermuteParams& p, void* stream) {
   if (p.tokens == 0 || p.heads == 0 || p.batch == 0) return 0;
-  permute_kernel<<<dim3(p.tokens, p.heads, p.batch), 64, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  auto aligned = [](const void* base, int64_t sb, int64_t sh, int64_t st) {
+    return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && st % 8 == 0;
+  };
+  const bool wide = p.head_dim % 8 == 0 && aligned(p.src.data, p.src.stride_b, p.src.stride_h, p.src.stride_t) &&
+                    aligned(p.dst, p.dst_stride_b, p.dst_stride_h, p.dst_stride_t);
+  const int64_t items = static_cast<int64_t>(p.tokens) * (wide ? p.head_dim / 8 : p.head_dim);
+  const dim3 grid(static_cast<unsigned>((items + 255) / 256), p.heads, p.batch);
+  if (wide) permute_kernel<uint4><<<grid, 256, 0, s>>>(p);
+  else permute_kernel<uint16_t><<<grid, 256, 0, s>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 
