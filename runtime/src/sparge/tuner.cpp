@@ -3,7 +3,8 @@
 //
 // How it stays fast (docs/SPARGE.md):
 // - exact attention of a head is computed once per sample as per-(row, 64-key tile) partials (max, sum,
-//   P·V); any block selection's output is a combination of those partials, which costs 1/128 of attention;
+//   P·V; tuner_partials.cpp, vectorized); any block selection's output is a combination of those partials,
+//   which costs 1/128 of attention;
 // - for a given θ every τ (or k) keeps a prefix of one fixed per-row block order (forced blocks, then by
 //   decreasing P̂), so one pass over that order gives the error of every τ at once (a table per query
 //   block); choosing τ is then a grid scan plus bisection over table look-ups;
@@ -12,19 +13,23 @@
 #include "sparge_internal.hpp"
 
 #include "reference.hpp"
+#include "tuner_partials.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <numeric>
 
 namespace sparq {
 namespace {
 
-constexpr int kTile = 64;   // the kernels' key tile (BK)
+constexpr int kTile = sparge::kTunerTile;
 constexpr int kGroup = 16;  // rows of a warp: the stage-2 decision unit
 constexpr double kLog2e = 1.44269504088896340736;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -42,110 +47,25 @@ struct Instance {
   int nq = 0, nk = 0, d = 0;
 };
 
-// Per (row, 64-key tile) partials of exact attention for a range of rows and a list of tiles.
-struct Partials {
-  int rows = 0, tiles = 0, d = 0;
-  std::vector<float> m, l;  // [rows][tiles]: max logit (natural units; -inf: no visible key), Σ exp(s - m)
-  std::vector<float> o;     // [rows][tiles][d]: Σ exp(s - m) v
-};
-
-struct Prepared {
-  std::vector<float> kt;  // [tiles][d][64], zero padded
-  std::vector<float> v;   // [tiles * 64][d], zero padded
-};
-
-void prepare(const Instance& in, Prepared& pr) {
-  const int tiles = (in.nk + kTile - 1) / kTile;
-  const std::size_t D = static_cast<std::size_t>(in.d);
-  pr.kt.assign(static_cast<std::size_t>(tiles) * D * kTile, 0.0f);
-  pr.v.assign(static_cast<std::size_t>(tiles) * kTile * D, 0.0f);
-  for (int j = 0; j < in.nk; ++j)
-    for (std::size_t c = 0; c < D; ++c)
-      pr.kt[(static_cast<std::size_t>(j / kTile) * D + c) * kTile + j % kTile] = in.k[static_cast<std::size_t>(j) * D + c];
-  std::copy(in.v, in.v + static_cast<std::size_t>(in.nk) * D, pr.v.begin());
-}
+using Partials = sparge::TunerPartials;
+using Prepared = sparge::TunerKV;
 
 void compute_partials(const Instance& in, const Prepared& pr, float scale, bool causal, int r0, int rows,
                       const std::vector<int>& tiles, Partials& out) {
-  const std::size_t D = static_cast<std::size_t>(in.d);
-  const std::size_t T = tiles.size();
-  out.rows = rows;
-  out.tiles = static_cast<int>(T);
-  out.d = in.d;
-  out.m.assign(static_cast<std::size_t>(rows) * T, kNegInf);
-  out.l.assign(static_cast<std::size_t>(rows) * T, 0.0f);
-  out.o.assign(static_cast<std::size_t>(rows) * T * D, 0.0f);
-  float s[kTile];
-  for (int i = 0; i < rows; ++i) {
-    const int row = r0 + i;
-    const float* qi = in.q + static_cast<std::size_t>(row) * D;
-    const int64_t last = causal ? std::min<int64_t>(in.nk - 1, static_cast<int64_t>(row) + in.nk - in.nq) : in.nk - 1;
-    for (std::size_t ti = 0; ti < T; ++ti) {
-      const int t = tiles[ti];
-      const int64_t j0 = static_cast<int64_t>(t) * kTile;
-      if (j0 > last) continue;
-      const int jn = static_cast<int>(std::min<int64_t>(kTile, last - j0 + 1));
-      std::fill(s, s + kTile, 0.0f);
-      const float* kt = pr.kt.data() + static_cast<std::size_t>(t) * D * kTile;
-      for (std::size_t c = 0; c < D; ++c) {
-        const float qc = qi[c];
-        const float* kc = kt + c * kTile;
-        for (int jj = 0; jj < kTile; ++jj) s[jj] += qc * kc[jj];
-      }
-      float mx = kNegInf;
-      for (int jj = 0; jj < jn; ++jj) {
-        s[jj] *= scale;
-        mx = std::max(mx, s[jj]);
-      }
-      if (!(mx > kNegInf)) continue;
-      float sum = 0.0f;
-      float* o = out.o.data() + (static_cast<std::size_t>(i) * T + ti) * D;
-      const float* vt = pr.v.data() + static_cast<std::size_t>(j0) * D;
-      for (int jj = 0; jj < jn; ++jj) {
-        const float p = std::exp(s[jj] - mx);
-        sum += p;
-        const float* vj = vt + static_cast<std::size_t>(jj) * D;
-        for (std::size_t c = 0; c < D; ++c) o[c] += p * vj[c];
-      }
-      out.m[static_cast<std::size_t>(i) * T + ti] = mx;
-      out.l[static_cast<std::size_t>(i) * T + ti] = sum;
-    }
-  }
+  sparge::compute_tuner_partials(in.q, in.nq, pr, scale, causal, r0, rows, tiles, out);
 }
 
-// Online combination of partials into one row's output (fp64).
-struct Combiner {
-  double M = -std::numeric_limits<double>::infinity(), L = 0;
-  std::vector<double> O;
-  explicit Combiner(int d) : O(static_cast<std::size_t>(d), 0.0) {}
-  void reset() {
-    M = -std::numeric_limits<double>::infinity();
-    L = 0;
-    std::fill(O.begin(), O.end(), 0.0);
-  }
-  void add(float m, float l, const float* o) {
-    if (!(m > kNegInf)) return;
-    if (m > M) {
-      const double r = std::isinf(M) ? 0.0 : std::exp(M - m);
-      L *= r;
-      for (double& x : O) x *= r;
-      M = m;
-    }
-    const double w = std::exp(static_cast<double>(m) - M);
-    L += w * l;
-    for (std::size_t c = 0; c < O.size(); ++c) O[c] += w * o[c];
-  }
-  // Σ_c |O/L - exact| (O = 0 when nothing was added).
-  double l1(const double* exact) const {
-    double e = 0;
-    if (L > 0) {
-      for (std::size_t c = 0; c < O.size(); ++c) e += std::fabs(O[c] / L - exact[c]);
-    } else {
-      for (std::size_t c = 0; c < O.size(); ++c) e += std::fabs(exact[c]);
-    }
-    return e;
-  }
-};
+// fn(i, partials) for i = 0 .. count-1 on the reference backend's threads, last item first (with causal masks the
+// last query blocks cost the most: started first, they do not finish alone). Each thread reuses one Partials
+// buffer (tens of MiB at long sequences; a fresh one per item costs page faults and zeroing).
+void for_each_with_partials(std::size_t count, const std::function<void(std::size_t, Partials&)>& fn) {
+  std::atomic<std::size_t> next{0};
+  const std::size_t workers = std::min<std::size_t>(count, static_cast<std::size_t>(reference::thread_count()));
+  reference::parallel_for(workers, [&](std::size_t) {
+    Partials part;
+    for (std::size_t k = next++; k < count; k = next++) fn(count - 1 - k, part);
+  });
+}
 
 std::string lambda_text(float x) {
   char b[32];
@@ -162,7 +82,9 @@ double ratio(double err, double norm) {
 struct Pass1 {
   sparge::HeadMap map;
   std::vector<int> qbs;                          // the query blocks evaluated (all, or an even sample)
-  std::vector<double> exact;                     // [nq][d]
+  // [evaluated query blocks][block_q][d]: row i of qbs[b] at (b·block_q + i)·d. Written by the workers (no
+  // zeroing pass); the rows past the end of a short last block are never read.
+  std::unique_ptr<double[]> exact;
   double norm = 0;                               // Σ |exact|
   std::vector<std::vector<sparge::RowPlan>> plans;  // [θ][i]: query block qbs[i]
   std::vector<std::vector<std::vector<double>>> err;  // [θ][i][kept blocks 0..order size]: Σ |O - exact|
@@ -208,12 +130,27 @@ struct Tuner::Impl {
     return out;
   }
 
-  sparge::HeadMap head_map(const Instance& in) const {
+  // The partials' K/V layout of an instance and, when `map` is given, its block map, as parallel jobs (serial,
+  // they would be a large part of the tuner's time on many threads): the K and Q summaries (started first,
+  // they are the longest) and the K/V tiles in one range per thread.
+  void prepare(const Instance& in, Prepared& pr, sparge::HeadMap* map) const {
     const sparge::Geometry g = geometry(in);
-    std::vector<float> km = sparge::token_mean(in.k, in.nk, in.d, g.block_k);
-    sparge::BlockSummary ks = sparge::summarize_blocks(in.k, in.nk, in.d, g.block_k, km.data());
-    sparge::BlockSummary qs = sparge::summarize_blocks(in.q, in.nq, in.d, g.block_q, nullptr);
-    return sparge::head_map(qs, ks, g, scale(in.d));
+    pr = Prepared(in.nk, in.d);
+    const int summaries = map ? 2 : 0;
+    const int ranges = std::min(pr.tiles, reference::thread_count());
+    sparge::BlockSummary ks, qs;
+    reference::parallel_for(static_cast<std::size_t>(summaries + ranges), [&](std::size_t job) {
+      const int j = static_cast<int>(job) - summaries;
+      if (j >= 0) {
+        sparge::prepare_tuner_tiles(in.k, in.v, j * pr.tiles / ranges, (j + 1) * pr.tiles / ranges, pr);
+      } else if (job == 0) {
+        std::vector<float> km = sparge::token_mean(in.k, in.nk, in.d, g.block_k);
+        ks = sparge::summarize_blocks(in.k, in.nk, in.d, g.block_k, km.data());
+      } else {
+        qs = sparge::summarize_blocks(in.q, in.nq, in.d, g.block_q, nullptr);
+      }
+    });
+    if (map) *map = sparge::head_map(qs, ks, g, scale(in.d));
   }
 
   // All query blocks, or max_query_blocks of them evenly spread.
@@ -230,65 +167,64 @@ struct Tuner::Impl {
   }
 
   // Exact outputs and, for every θ, the error of every prefix of the block order.
-  Pass1 pass1(const Instance& in, const std::vector<float>& thetas, const Prepared& pr, bool all_blocks) const {
+  Pass1 pass1(const Instance& in, const std::vector<float>& thetas, const Prepared& pr, sparge::HeadMap map,
+              bool all_blocks) const {
     Pass1 r;
     const sparge::Geometry g = geometry(in);
-    r.map = head_map(in);
+    r.map = std::move(map);
     r.qbs = sample_blocks(r.map.nqb, all_blocks);
     const int nqb = static_cast<int>(r.qbs.size()), D = in.d;
     const int tiles_per_block = g.block_k / kTile;
     const int ntiles = (in.nk + kTile - 1) / kTile;
-    r.exact.assign(static_cast<std::size_t>(in.nq) * D, 0.0);
+    r.exact.reset(new double[static_cast<std::size_t>(nqb) * g.block_q * D]);
     r.plans.assign(thetas.size(), std::vector<sparge::RowPlan>(static_cast<std::size_t>(nqb)));
     r.err.assign(thetas.size(), std::vector<std::vector<double>>(static_cast<std::size_t>(nqb)));
     std::vector<double> norms(static_cast<std::size_t>(nqb), 0.0);
     for (int qb : r.qbs) r.valid += r.map.valid_end[static_cast<std::size_t>(qb)];
     const float sc = scale(D);
-    reference::parallel_for(static_cast<std::size_t>(nqb), [&](std::size_t qbi) {
+    for_each_with_partials(static_cast<std::size_t>(nqb), [&](std::size_t qbi, Partials& part) {
       const int qb = r.qbs[qbi];
       const int q0 = qb * g.block_q, rows = std::min(g.block_q, in.nq - q0);
       const int vend = r.map.valid_end[static_cast<std::size_t>(qb)];
       std::vector<int> tiles;
       for (int t = 0; t < std::min(ntiles, vend * tiles_per_block); ++t) tiles.push_back(t);
-      Partials part;
       compute_partials(in, pr, sc, g.causal, q0, rows, tiles, part);
-      const std::size_t T = tiles.size();
-      Combiner comb(D);
-      for (int i = 0; i < rows; ++i) {
-        comb.reset();
-        for (std::size_t t = 0; t < T; ++t)
-          comb.add(part.m[i * T + t], part.l[i * T + t], part.o.data() + (i * T + t) * D);
-        double* ex = r.exact.data() + static_cast<std::size_t>(q0 + i) * D;
-        for (int c = 0; c < D; ++c) {
-          ex[c] = comb.L > 0 ? comb.O[static_cast<std::size_t>(c)] / comb.L : 0.0;
-          norms[qbi] += std::fabs(ex[c]);
-        }
-      }
+      const int T = static_cast<int>(tiles.size());
+      // Per θ its plan, and the table it shares: θ values that force the same blocks give the same table.
+      // own[th]: the θ whose table it is; seq/first: the tiles added at each step of the θ's block order.
+      std::vector<std::size_t> own(thetas.size());
+      std::vector<std::vector<int>> seq(thetas.size()), first(thetas.size());
       for (std::size_t th = 0; th < thetas.size(); ++th) {
         sparge::RowPlan& plan = r.plans[th][qbi];
         sparge::plan_row(r.map, qb, thetas[th], false, options.attention_sink, options.diagonal, plan);
-        std::vector<double>& e = r.err[th][qbi];
-        // θ values that force the same blocks give the same table
-        bool reused = false;
-        for (std::size_t prev = 0; prev < th && !reused; ++prev)
+        own[th] = th;
+        for (std::size_t prev = 0; prev < th; ++prev)
           if (r.plans[prev][qbi].forced == plan.forced && r.plans[prev][qbi].order == plan.order) {
-            e = r.err[prev][qbi];
-            reused = true;
+            own[th] = own[prev];
+            break;
           }
-        if (reused) continue;
-        e.assign(plan.order.size() + 1, 0.0);
-        for (int i = 0; i < rows; ++i) {
-          const double* ex = r.exact.data() + static_cast<std::size_t>(q0 + i) * D;
-          comb.reset();
-          e[0] += comb.l1(ex);
-          for (std::size_t p = 0; p < plan.order.size(); ++p) {
-            const int kb = plan.order[p];
-            for (int t = kb * tiles_per_block; t < std::min<int>(static_cast<int>(T), (kb + 1) * tiles_per_block); ++t)
-              comb.add(part.m[i * T + t], part.l[i * T + t], part.o.data() + (i * T + t) * D);
-            e[p + 1] += comb.l1(ex);
-          }
+        if (own[th] != th) continue;
+        r.err[th][qbi].assign(plan.order.size() + 1, 0.0);
+        first[th].push_back(0);
+        for (int kb : plan.order) {  // the partials hold tiles 0 .. T-1 in order
+          for (int t = kb * tiles_per_block; t < std::min(T, (kb + 1) * tiles_per_block); ++t) seq[th].push_back(t);
+          first[th].push_back(static_cast<int>(seq[th].size()));
         }
       }
+      // Row by row: a row's partials (T·D floats) stay in cache for its exact output and every table.
+      double norm = 0;
+      for (int i = 0; i < rows; ++i) {
+        double* ex = r.exact.get() + (qbi * g.block_q + static_cast<std::size_t>(i)) * D;
+        sparge::combine_tuner_row(part, i, ex);
+        for (int c = 0; c < D; ++c) norm += std::fabs(ex[c]);
+        for (std::size_t th = 0; th < thetas.size(); ++th)
+          if (own[th] == th)
+            sparge::tuner_prefix_errors(part, i, seq[th].data(), first[th].data(),
+                                        static_cast<int>(r.plans[th][qbi].order.size()), ex, r.err[th][qbi].data());
+      }
+      norms[qbi] = norm;
+      for (std::size_t th = 0; th < thetas.size(); ++th)
+        if (own[th] != th) r.err[th][qbi] = r.err[own[th]][qbi];
     });
     r.norm = std::accumulate(norms.begin(), norms.end(), 0.0);
     return r;
@@ -299,26 +235,25 @@ struct Tuner::Impl {
     Pass2 r;
     r.norm = p1.norm;
     const sparge::HeadMap& map = p1.map;
-    const std::vector<double>& exact = p1.exact;
     const sparge::Geometry g = geometry(in);
     const int nqb = static_cast<int>(p1.qbs.size()), D = in.d;
     const int tiles_per_block = g.block_k / kTile;
     const int ntiles = (in.nk + kTile - 1) / kTile;
     const int groups_per_block = (g.block_q + kGroup - 1) / kGroup;
     r.crit.assign(static_cast<std::size_t>(nqb) * groups_per_block, {});
-    r.err.assign(r.crit.size(), {});
+    // {0}: the groups past the last row of a short (last) query block skip nothing and add no error
+    r.err.assign(r.crit.size(), std::vector<double>(1, 0.0));
     const float sc = scale(D);
-    reference::parallel_for(static_cast<std::size_t>(nqb), [&](std::size_t qbi) {
+    for_each_with_partials(static_cast<std::size_t>(nqb), [&](std::size_t qbi, Partials& part) {
       const int qb = p1.qbs[qbi];
       const int q0 = qb * g.block_q, rows = std::min(g.block_q, in.nq - q0);
       std::vector<int> sel, tiles;
       sparge::select_blocks(map, qb, params, options.attention_sink, options.diagonal, sel);
       for (int kb : sel)
         for (int t = kb * tiles_per_block; t < std::min(ntiles, (kb + 1) * tiles_per_block); ++t) tiles.push_back(t);
-      Partials part;
       compute_partials(in, pr, sc, g.causal, q0, rows, tiles, part);
       const std::size_t T = tiles.size();
-      Combiner comb(D);
+      std::vector<int> seq, first;
       for (int g0 = 0; g0 < rows; g0 += kGroup) {
         const int gn = std::min(kGroup, rows - g0);
         std::vector<double> mr(static_cast<std::size_t>(gn), -std::numeric_limits<double>::infinity());
@@ -343,17 +278,16 @@ struct Tuner::Impl {
         std::vector<double>& ev = r.err[gi];
         for (const auto& c : crit) cv.push_back(c.first);
         ev.assign(crit.size() + 1, 0.0);
-        for (int i = 0; i < gn; ++i) {
-          const std::size_t row = static_cast<std::size_t>(g0 + i);
-          const double* ex = exact.data() + static_cast<std::size_t>(q0 + g0 + i) * D;
-          comb.reset();
-          ev[0] += comb.l1(ex);
-          for (std::size_t p = 0; p < crit.size(); ++p) {
-            const std::size_t t = static_cast<std::size_t>(crit[p].second);
-            comb.add(part.m[row * T + t], part.l[row * T + t], part.o.data() + (row * T + t) * D);
-            ev[p + 1] += comb.l1(ex);
-          }
+        seq.clear();
+        first.assign(1, 0);
+        for (const auto& c : crit) {  // one tile per step, by critical λ
+          seq.push_back(c.second);
+          first.push_back(static_cast<int>(seq.size()));
         }
+        for (int i = 0; i < gn; ++i)
+          sparge::tuner_prefix_errors(part, g0 + i, seq.data(), first.data(), static_cast<int>(crit.size()),
+                                      p1.exact.get() + (qbi * g.block_q + static_cast<std::size_t>(g0 + i)) * D,
+                                      ev.data());
       }
     });
     for (const auto& c : r.crit) r.visible += static_cast<int64_t>(c.size());
@@ -394,8 +328,9 @@ struct Tuner::Impl {
     std::vector<Pass1> p1;
     for (const Instance& in : inst) {
       Prepared pr;
-      prepare(in, pr);
-      p1.push_back(pass1(in, thetas, pr, false));
+      sparge::HeadMap map;
+      prepare(in, pr, &map);
+      p1.push_back(pass1(in, thetas, pr, std::move(map), false));
     }
     int64_t valid = 0;
     for (const Pass1& r : p1) valid += r.valid;
@@ -478,7 +413,7 @@ struct Tuner::Impl {
       std::vector<Pass2> p2;
       for (std::size_t i = 0; i < inst.size(); ++i) {
         Prepared pr;
-        prepare(inst[i], pr);
+        prepare(inst[i], pr, nullptr);
         p2.push_back(pass2(inst[i], p1[i], best, pr));
       }
       std::vector<float> cands{0.0f};
@@ -542,8 +477,9 @@ struct Tuner::Impl {
       int64_t valid = 0, kept = 0, skipped = 0, visible = 0;
       for (const Instance& in : instances(layer, h)) {
         Prepared pr;
-        prepare(in, pr);
-        const Pass1 r = pass1(in, {}, pr, true);
+        sparge::HeadMap map;
+        prepare(in, pr, &map);
+        const Pass1 r = pass1(in, {}, pr, std::move(map), true);
         const Pass2 r2 = pass2(in, r, params[static_cast<std::size_t>(h)], pr);
         std::vector<int> sel;
         for (int qb = 0; qb < r.map.nqb; ++qb) {
