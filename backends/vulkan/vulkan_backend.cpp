@@ -644,16 +644,34 @@ void VulkanBackend::attention(const AttentionProblem& p) {
 // SpargeAttn: stage-1 predictor and token permutation (templates/glsl/sparge_*.comp.j2)
 
 namespace {
-constexpr int kSpargeMaxKeyBlocks = 1024;  // MAX_KB of sparge_select
-constexpr int kSpargeMaxDim = 256;         // 64 threads x MAX_CH channels of sparge_pool
-constexpr int64_t kSpargeMaxBlock = int64_t(1) << 22;  // tree slots within TREE_LEVELS = 24
+constexpr int kSpargeMaxKeyBlocks = 1024;  // SLOTS of sparge_select (1 row of 1024 key blocks per workgroup)
+constexpr int kSpargeMaxDim = 256;         // sparge_pool: one thread per channel slot, at most 256
+constexpr int kSpargeChunk = 64;           // token slots per step of sparge_pool
+constexpr int64_t kSpargeMaxBlock = int64_t(1) << 22;  // sparge_pool's chunk counter: 17 levels at most
+
+// The smallest power of two >= n (1 for n <= 1): the leaves of a tree sum over n values.
+std::uint32_t spg_slots(int64_t n) {
+  std::uint32_t s = 1;
+  while (s < n) s <<= 1;
+  return s;
+}
+std::uint32_t spg_log2(std::uint32_t pow2) {
+  std::uint32_t k = 0;
+  while ((1u << k) < pow2) ++k;
+  return k;
+}
 }  // namespace
 
 bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   const auto& limits = dev_->properties().limits;
   const int D = sp.head_dim;
-  const bool fits = D <= kSpargeMaxDim && sp.blocks_k <= kSpargeMaxKeyBlocks && sp.heads_q <= 4096 &&
+  // DP: the channel slots of the tree over channels, the pool's threads and the stride of the pooled rows.
+  // The pool walks blocks in chunks of 64 token slots: block sizes must be multiples of 64 (the runtime's
+  // blocks are multiples of the 64x64 mask tile).
+  const std::uint32_t DP = spg_slots(D);
+  const bool fits = D <= kSpargeMaxDim && DP >= 8 && sp.blocks_k <= kSpargeMaxKeyBlocks && sp.heads_q <= 4096 &&
                     sp.block_q <= kSpargeMaxBlock && sp.block_k <= kSpargeMaxBlock &&
+                    sp.block_q % kSpargeChunk == 0 && sp.block_k % kSpargeChunk == 0 &&
                     std::uint32_t(std::max(sp.blocks_q, sp.blocks_k)) <= limits.maxComputeWorkGroupCount[0] &&
                     std::uint32_t(sp.heads_q) <= limits.maxComputeWorkGroupCount[1] &&
                     std::uint32_t(sp.batch) <= limits.maxComputeWorkGroupCount[2];
@@ -684,11 +702,12 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   prm.counts_off = counts.first, prm.indices_off = indices.first;
 
   const VkDeviceSize kv_blocks = VkDeviceSize(B) * Hkv * nkb, q_blocks = VkDeviceSize(B) * Hq * nqb;
-  ensure(spg_ksum_, kv_blocks * D * 4);
-  ensure(spg_km_, VkDeviceSize(B) * Hkv * D * 4);
-  ensure(spg_kmean_, kv_blocks * D * 4);
+  // pooled rows of DP floats (padding channels +0), so that sparge_select reads them as aligned vec4
+  ensure(spg_ksum_, kv_blocks * DP * 4);
+  ensure(spg_km_, VkDeviceSize(B) * Hkv * DP * 4);
+  ensure(spg_kmean_, kv_blocks * DP * 4);
   ensure(spg_ksim_, kv_blocks * 4);
-  ensure(spg_qmean_, q_blocks * D * 4);
+  ensure(spg_qmean_, q_blocks * DP * 4);
   ensure(spg_qsim_, q_blocks * 4);
   ensure(spg_head_, VkDeviceSize(Hq) * 16);
   for (const Buffer* b : {&spg_ksum_, &spg_kmean_, &spg_qmean_})
@@ -705,9 +724,20 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   }
 
   const VkBool32 in_bf16 = sp.q.dtype == DType::BF16;
-  VkPipeline pool = dev_->pipeline("sparge_pool", {in_bf16});
+  // sparge_pool's specialization: dtype, DP (threads), chunk counter levels, pass, 16-byte row loads.
+  const std::uint32_t levels = spg_log2(std::max(spg_slots(sp.block_q), spg_slots(sp.block_k)) / kSpargeChunk) + 1;
+  auto aligned = [&](const OperandBinding& o, const Operand& op) {
+    return VkBool32(o.first % 8 == 0 && op.stride_batch % 8 == 0 && op.stride_head % 8 == 0 &&
+                    op.stride_token % 8 == 0 && D % 8 == 0);
+  };
+  const VkBool32 q_vec = aligned(q, sp.q), k_vec = aligned(k, sp.k);
+  VkPipeline pool_raw = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 0, k_vec});
+  VkPipeline pool_k = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 1, k_vec});
+  VkPipeline pool_q = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 2, q_vec});
   VkPipeline kmean = dev_->pipeline("sparge_kmean", {});
-  VkPipeline select = dev_->pipeline("sparge_select", {});
+  VkPipeline select = dev_->pipeline("sparge_select", {DP});
+  // query block rows per select workgroup: as many as fit its 1024 shared slots
+  const std::uint32_t select_rows = nkb <= 256 ? 4 : nkb <= 512 ? 2 : 1;
   VkDescriptorSet set = descriptor_set(binds);
   begin();
   vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &prm);
@@ -720,22 +750,20 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
     vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 1);  // unused; every query is read
   }
   vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
-  auto pool_pass = [&](std::uint32_t which, std::uint32_t blocks, std::uint32_t heads) {
-    vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
-    vkCmdDispatch(cmd_, blocks, heads, B);
-  };
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool);
-  pool_pass(0, nkb, Hkv);  // raw K block sums
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_raw);
+  vkCmdDispatch(cmd_, nkb, Hkv, B);  // raw K block sums
   barrier_compute_to_compute();
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
-  vkCmdDispatch(cmd_, (D + 63) / 64, Hkv, B);
+  vkCmdDispatch(cmd_, (DP + 63) / 64, Hkv, B);
   barrier_compute_to_compute();
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool);
-  pool_pass(1, nkb, Hkv);  // smoothed K
-  pool_pass(2, nqb, Hq);   // Q
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_k);
+  vkCmdDispatch(cmd_, nkb, Hkv, B);  // smoothed K
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_q);
+  vkCmdDispatch(cmd_, nqb, Hq, B);   // Q
   barrier_compute_to_compute();
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, select);
-  vkCmdDispatch(cmd_, nqb, Hq, B);
+  vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &select_rows);
+  vkCmdDispatch(cmd_, (nqb + select_rows - 1) / select_rows, Hq, B);
   if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 2);
   submit();
   if (timed) {

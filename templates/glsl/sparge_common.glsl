@@ -20,11 +20,12 @@ layout(std140, set = 0, binding = 0) uniform SpgParamsBlock {
 
 layout(std430, set = 0, binding = 1) readonly buffer SpgQ { uint16_t q_in[]; };
 layout(std430, set = 0, binding = 2) readonly buffer SpgK { uint16_t k_in[]; };
-layout(std430, set = 0, binding = 3) buffer SpgKSum { float k_sum[]; };      // [B, Hkv, nKB, D] raw K block sums
-layout(std430, set = 0, binding = 4) buffer SpgKm { float k_mu[]; };         // [B, Hkv, D] the prediction's K mean
-layout(std430, set = 0, binding = 5) buffer SpgKMean { float k_bmean[]; };   // [B, Hkv, nKB, D] smoothed K block means
+// Pooled rows hold DP = tree_slots(D) floats (the channel slots of the tree over channels; padding slots +0).
+layout(std430, set = 0, binding = 3) buffer SpgKSum { float k_sum[]; };      // [B, Hkv, nKB, DP] raw K block sums
+layout(std430, set = 0, binding = 4) buffer SpgKm { float k_mu[]; };         // [B, Hkv, DP] the prediction's K mean
+layout(std430, set = 0, binding = 5) buffer SpgKMean { float k_bmean[]; };   // [B, Hkv, nKB, DP] smoothed K block means
 layout(std430, set = 0, binding = 6) buffer SpgKSim { float k_bsim[]; };     // [B, Hkv, nKB]
-layout(std430, set = 0, binding = 7) buffer SpgQMean { float q_bmean[]; };   // [B, Hq, nQB, D]
+layout(std430, set = 0, binding = 7) buffer SpgQMean { float q_bmean[]; };   // [B, Hq, nQB, DP]
 layout(std430, set = 0, binding = 8) buffer SpgQSim { float q_bsim[]; };     // [B, Hq, nQB]
 layout(std430, set = 0, binding = 9) readonly buffer SpgHead { float head_params[]; };  // [Hq][4]: θ, τ, topk, dense
 layout(std430, set = 0, binding = 10) buffer SpgCounts { int lut_counts[]; };
