@@ -789,6 +789,26 @@ TEST_CASE("tuner: top-k search, GQA and causal") {
   }
 }
 
+// 600 tokens: the last 128-row query block has 88 rows (and its 16-row stage-2 groups end early), with stage 2
+// tuned. A short last block once made stage 2 read empty tables.
+TEST_CASE("tuner: a short last query block, stage 2 on") {
+  TunerOptions topt;  // pv_l1 > 0: stage 2 tuned
+  Tuner tuner(SpargeOptions{}, topt);
+  for (uint64_t s = 0; s < 2; ++s) {
+    Qkv g = grid_inputs(1, 20, 30, 1, 2, 1, 64, 20.0, 2.0, 500 + s);
+    REQUIRE(g.N % 128 != 0);
+    tuner.observe_host("L", 1, 2, 1, g.N, g.N, 64, g.q.data(), g.k.data(), g.v.data());
+  }
+  const auto params = tuner.tune_layer("L");
+  REQUIRE(params.size() == 2);
+  const auto ev = tuner.evaluate("L", params);
+  for (int h = 0; h < 2; ++h) {
+    CAPTURE(h);
+    CHECK(ev[h].l1 <= topt.l1);
+    CHECK(ev[h].pv_l1 <= topt.pv_l1);
+  }
+}
+
 TEST_CASE("tuner: sampled query blocks give about the same parameters") {
   TunerOptions all, sampled;
   all.max_query_blocks = 0;
