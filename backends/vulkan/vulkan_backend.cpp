@@ -750,16 +750,18 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
     vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 1);  // unused; every query is read
   }
   vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  // The Q pass needs nothing before it: it runs beside the K mean (a small grid that alone would leave the
+  // device mostly idle); the smoothed K needs the K mean.
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_raw);
   vkCmdDispatch(cmd_, nkb, Hkv, B);  // raw K block sums
   barrier_compute_to_compute();
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
   vkCmdDispatch(cmd_, (DP + 63) / 64, Hkv, B);
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_q);
+  vkCmdDispatch(cmd_, nqb, Hq, B);   // Q
   barrier_compute_to_compute();
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_k);
   vkCmdDispatch(cmd_, nkb, Hkv, B);  // smoothed K
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_q);
-  vkCmdDispatch(cmd_, nqb, Hq, B);   // Q
   barrier_compute_to_compute();
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, select);
   vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &select_rows);
