@@ -988,6 +988,9 @@ std::vector<PredCase> predictor_cases() {
   c.push_back({"strided rows (padded by 4), D = 128", 2, 4, 2, 555, 700, 128});
   c.back().row_pad = 4;
   c.back().params = {sp(0.3f, 0.9f)};
+  // More than 256 key blocks: the selection's wider rows (Vulkan: 2 query blocks per workgroup, not 4).
+  c.push_back({"313 key blocks, Nq << Nk, tau and top-k", 1, 2, 1, 300, 20000, 64});
+  c.back().params = {sp(0.2f, 0.95f), sp(0.0f, 0.0f, 0.1f)};
   return c;
 }
 
