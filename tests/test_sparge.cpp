@@ -1186,7 +1186,7 @@ std::vector<uint16_t> bits_of(Context& ctx, const Tensor& t) {
   return b;
 }
 
-void check_hilbert_calls(Context& ctx) {
+void check_hilbert_calls(Context& ctx, PVPrecision pv_precision = PVPrecision::Auto) {
   const float inf = std::numeric_limits<float>::infinity();
   const DType f16 = DType::F16, bf16 = DType::BF16;
   const Layout hnd = Layout::HND, nhd = Layout::NHD;
@@ -1228,6 +1228,7 @@ void check_hilbert_calls(Context& ctx) {
                                                          : std::vector<int64_t>{c.B, N, c.Hq, c.D};
     SpargeOptions opt;
     opt.attention.layout = c.layout;
+    opt.attention.pv_precision = pv_precision;
     opt.hilbert = c.grid;
     opt.block_q = 64;  // more blocks of these short sequences (a multiple of every backend's tile)
     SpargeParams p = sp(0.3f, 0.95f, 0.0f, c.dense);
@@ -1294,8 +1295,19 @@ TEST_CASE("hilbert (reference): repeated sparge_attention calls, shapes growing 
 TEST_CASE("hilbert (Vulkan): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
   if (auto gpu = device_context(Backend::Vulkan)) check_hilbert_calls(*gpu);
 }
+// CUDA reads and writes through the order (no permuted copies; FP16 P·V copies V in token order);
+// SPARQ_SPARGE_FUSED_ORDER=0 makes the copies instead. Both must equal the order applied by hand.
 TEST_CASE("hilbert (CUDA): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
-  if (auto gpu = device_context(Backend::Cuda)) check_hilbert_calls(*gpu);
+  auto gpu = device_context(Backend::Cuda);
+  if (!gpu) return;
+  for (const char* fused : {"1", "0"})
+    for (PVPrecision pv : {PVPrecision::Auto, PVPrecision::Fp16}) {
+      CAPTURE(fused);
+      CAPTURE(static_cast<int>(pv));
+      setenv("SPARQ_SPARGE_FUSED_ORDER", fused, 1);
+      check_hilbert_calls(*gpu, pv);
+    }
+  unsetenv("SPARQ_SPARGE_FUSED_ORDER");
 }
 
 TEST_CASE("device predictor (Vulkan): the reference's LUT bit for bit") {

@@ -405,7 +405,8 @@ __device__ __forceinline__ void store_output_rows(const AttentionParams& p, int 
   for (int h = 0; h < 2; ++h) {
     const int row = warp_row0 + g + 8 * h;
     if (row >= p.tokens_q) continue;
-    unsigned char* out_row = out + 2 * (static_cast<int64_t>(row) * p.o_stride_t);
+    const int stored = p.out_rows != nullptr && row < p.out_rows_size ? __ldg(p.out_rows + row) : row;
+    unsigned char* out_row = out + 2 * (static_cast<int64_t>(stored) * p.o_stride_t);
 #pragma unroll
     for (int d = 0; d < DTiles; ++d) {
       const int c = d * 8 + 2 * t;
@@ -429,7 +430,7 @@ __device__ __forceinline__ void store_output_rows(const AttentionParams& p, int 
         lse = kLn2 * log2_lse(row_max[h], row_sum[h]);
         if (p.q_km != nullptr) lse += p.q_km[(static_cast<int64_t>(b) * p.heads_q + hq) * p.tokens_q + row];
       }
-      p.lse[b * p.l_stride_b + hq * p.l_stride_h + static_cast<int64_t>(row) * p.l_stride_t] = lse;
+      p.lse[b * p.l_stride_b + hq * p.l_stride_h + static_cast<int64_t>(stored) * p.l_stride_t] = lse;
     }
   }
 }

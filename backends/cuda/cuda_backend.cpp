@@ -117,6 +117,7 @@ class CudaBackend final : public BackendImpl {
   // 308 vs 361 TOPS end-to-end) and FP16 is the more accurate, so without the wgmma kernels (not built, or
   // SPARQ_CUDA_PATH=sm89) Auto stays FP16 there; Fp8 can still be asked for.
   bool supports_pv_skip() const override { return true; }
+  bool reads_token_order() const override { return true; }
   PVPrecision default_pv_precision() const override {
     if (path_limit_ >= 89 && arch_ < 90 && has_fp8_path()) return PVPrecision::Fp8;
     return has_wgmma_path() ? PVPrecision::Fp8 : PVPrecision::Fp16;
@@ -286,12 +287,16 @@ bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
     return false;
   DeviceGuard guard(device_);
   cuda::SpargePredictParams c;
-  auto view = [](const Operand& op) {
+  auto view = [&sp](const Operand& op) {
     cuda::SpargeView v;
     v.data = operand_pointer(op);
     v.stride_b = op.stride_batch;
     v.stride_h = op.stride_head;
     v.stride_t = op.stride_token;
+    if (sp.token_order.storage) {
+      v.rows = reinterpret_cast<const int32_t*>(operand_pointer(sp.token_order));
+      v.rows_size = static_cast<int>(sp.token_order_size);
+    }
     return v;
   };
   c.q = view(sp.q);
@@ -390,16 +395,24 @@ void CudaBackend::attention(const AttentionProblem& p) {
 
   // V for FP16 P·V is read in place when its rows allow 16-byte copies, else copied to the workspace.
   const char* v_ptr = operand_pointer(p.v);
-  const bool v_in_place = fp8 || aligned16(v_ptr, p.v.stride_batch, p.v.stride_head, p.v.stride_token);
+  // A fused token order (backend.hpp): the preprocessing reads q, k, v through it and the epilogue writes
+  // through it. FP16 P·V reads V in the kernel, so V is then copied in token order to the workspace first.
+  const int32_t* token_order =
+      p.token_order.storage ? reinterpret_cast<const int32_t*>(operand_pointer(p.token_order)) : nullptr;
+  const int token_order_size = token_order ? static_cast<int>(p.token_order_size) : 0;
+  const bool v_in_place =
+      fp8 || (!token_order && aligned16(v_ptr, p.v.stride_batch, p.v.stride_head, p.v.stride_token));
 
   cuda::PreprocessParams pre;
-  auto view = [](const Operand& op) {
+  auto view = [&](const Operand& op) {
     cuda::InputView v;
     v.data = operand_pointer(op);
     v.stride_b = op.stride_batch;
     v.stride_h = op.stride_head;
     v.stride_t = op.stride_token;
     v.aligned16 = aligned16(v.data, v.stride_b, v.stride_h, v.stride_t);
+    v.rows = token_order;
+    v.rows_size = token_order_size;
     return v;
   };
   pre.q = view(p.q);
@@ -506,6 +519,8 @@ void CudaBackend::attention(const AttentionProblem& p) {
   a.o_stride_h = p.out.stride_head;
   a.o_stride_t = p.out.stride_token;
   a.out_bf16 = p.out.dtype == DType::BF16;
+  a.out_rows = token_order;
+  a.out_rows_size = token_order_size;
   a.in_bf16 = in_bf16;
   if (p.has_lse) {
     a.lse = reinterpret_cast<float*>(const_cast<char*>(operand_pointer(p.lse)));
@@ -555,7 +570,18 @@ void CudaBackend::attention(const AttentionProblem& p) {
   }
 
   if (profiling_) check(cudaEventRecord(events_[0], stream_), "cudaEventRecord");
-  if (!v_in_place && Nk > 0) {
+  if (!v_in_place && Nk > 0 && token_order) {
+    cuda::PermuteParams c;  // V rows in token order, contiguous
+    c.src.data = v_ptr;
+    c.src.stride_b = p.v.stride_batch, c.src.stride_h = p.v.stride_head, c.src.stride_t = p.v.stride_token;
+    c.dst = ws + w.v_copy;
+    c.dst_stride_t = D, c.dst_stride_h = int64_t(Nk) * D, c.dst_stride_b = int64_t(Hkv) * Nk * D;
+    c.batch = B, c.heads = Hkv, c.tokens = Nk, c.head_dim = D;
+    c.order = token_order;
+    c.order_size = token_order_size;
+    if (const int e = cuda::launch_permute(c, stream_); e != 0)
+      cuda_fail(static_cast<cudaError_t>(e), "launching the V copy in token order");
+  } else if (!v_in_place && Nk > 0) {
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < Hkv; ++h)
         check(cudaMemcpy2DAsync(ws + w.v_copy + ((std::size_t(b) * Hkv + h) * Nk) * D * 2, std::size_t(D) * 2,

@@ -27,11 +27,19 @@ __device__ __forceinline__ float to_float(uint16_t bits) {
   else return __half2float(__ushort_as_half(bits));
 }
 
+// The stored row of a token: a fused token order (Gather) maps it. A separate instantiation, so that the kernels
+// without an order keep their registers (and no spill).
+template <bool Gather>
+__device__ __forceinline__ int stored_row(const InputView& x, int token) {
+  if constexpr (Gather) return token < x.rows_size ? __ldg(x.rows + token) : token;
+  return token;
+}
+
 // Eight consecutive channels of one token row as floats.
-template <bool Bf16>
+template <bool Bf16, bool Gather>
 __device__ __forceinline__ void load8(const InputView& x, int b, int h, int token, int c, float (&out)[8]) {
   const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
-                        static_cast<int64_t>(token) * x.stride_t + c;
+                        static_cast<int64_t>(stored_row<Gather>(x, token)) * x.stride_t + c;
   if (x.aligned16) {
     const uint4 v = *reinterpret_cast<const uint4*>(row);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
@@ -69,7 +77,7 @@ __device__ __forceinline__ float row_lanes_max(float m, int lanes) {
 // stores of the 16 channel groups of a token land in different banks (a 64-byte stride put them all in one).
 constexpr int kVtRow = kBlockK + 4;
 
-template <bool Bf16>
+template <bool Bf16, bool Gather>
 __global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessParams p) {
   extern __shared__ float stats_smem[];  // [rows][D] sums, then [rows][D] maxima
   const int D = p.head_dim, lanes = D / 8, rows = kThreads / lanes;
@@ -83,12 +91,12 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessPara
     for (int token = begin + lane_r; token < end; token += rows) {
       float x[8];
       if (p.smooth_k) {
-        load8<Bf16>(p.k, b, h, token, lane_c * 8, x);
+        load8<Bf16, Gather>(p.k, b, h, token, lane_c * 8, x);
 #pragma unroll
         for (int i = 0; i < 8; ++i) sum[i] += x[i];
       }
       if (p.fp8_v) {
-        load8<Bf16>(p.v, b, h, token, lane_c * 8, x);
+        load8<Bf16, Gather>(p.v, b, h, token, lane_c * 8, x);
 #pragma unroll
         for (int i = 0; i < 8; ++i) vmax[i] = fmaxf(vmax[i], fabsf(x[i]));
       }
@@ -136,9 +144,10 @@ __global__ void kv_finalize_kernel(const PreprocessParams p) {
 
 // Eight consecutive channels of one token row as they are stored (loaded before they are needed, so that a
 // thread has all its rows' loads in flight at once), and as floats.
+template <bool Gather>
 __device__ __forceinline__ uint4 load_raw8(const InputView& x, int b, int h, int token, int c) {
   const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
-                        static_cast<int64_t>(token) * x.stride_t + c;
+                        static_cast<int64_t>(stored_row<Gather>(x, token)) * x.stride_t + c;
   if (x.aligned16) return *reinterpret_cast<const uint4*>(row);
   uint32_t w[4];
 #pragma unroll
@@ -164,7 +173,7 @@ __device__ __forceinline__ void load_floats8(const float* at, float (&out)[8]) {
 
 // The tile's rows are loaded once, all at the start (kIters 16-byte loads in flight per thread, for K and for
 // V), and kept in registers for the group maxima and the quantization.
-template <bool Bf16, int D>
+template <bool Bf16, int D, bool Gather>
 __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessParams p) {
   extern __shared__ uint8_t vt[];  // the transposed e4m3 V tile [D][kVtRow]
   __shared__ unsigned amax_bits[8];
@@ -181,11 +190,11 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   uint4 k_raw[kIters], v_raw[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it)
-    k_raw[it] = valid(it) ? load_raw8(p.k, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
+    k_raw[it] = valid(it) ? load_raw8<Gather>(p.k, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
   if (p.fp8_v) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it)
-      v_raw[it] = valid(it) ? load_raw8(p.v, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
+      v_raw[it] = valid(it) ? load_raw8<Gather>(p.v, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
   }
   float km[8] = {};
   if (p.smooth_k) load_floats8(p.k_mean + static_cast<int64_t>(bh) * D + lane_c * 8, km);
@@ -257,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
 }
 
 // As quantize_kv: the tile's rows loaded once, at the start, and kept in registers.
-template <bool Bf16, int D>
+template <bool Bf16, int D, bool Gather>
 __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessParams p) {
   __shared__ unsigned amax_bits[64];
   constexpr int kTile = kBlockQ;
@@ -279,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
   uint4 raw[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it)
-    raw[it] = valid(it) ? load_raw8(p.q, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
+    raw[it] = valid(it) ? load_raw8<Gather>(p.q, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
   float km[8] = {};
   if (p.want_q_km) load_floats8(p.k_mean + static_cast<int64_t>(kv_bh) * D + lane_c * 8, km);
   if (threadIdx.x < 64) amax_bits[threadIdx.x] = 0u;
@@ -335,12 +344,12 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
   }
 }
 
-template <bool Bf16, int D>
+template <bool Bf16, int D, bool Gather>
 cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   constexpr int rows = kThreads / (D / 8);
   if (p.smooth_k || p.fp8_v) {
     const dim3 grid(p.splits, p.batch * p.heads_kv);
-    kv_stats_kernel<Bf16><<<grid, kThreads, 2 * rows * D * sizeof(float), stream>>>(p);
+    kv_stats_kernel<Bf16, Gather><<<grid, kThreads, 2 * rows * D * sizeof(float), stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     kv_finalize_kernel<<<p.batch * p.heads_kv, std::min(D, kThreads), 0, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
@@ -348,26 +357,32 @@ cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   {
     const dim3 grid((p.tokens_k + kBlockK - 1) / kBlockK, p.batch * p.heads_kv);
     const size_t smem = p.fp8_v ? D * kVtRow : 0;
-    quantize_kv_kernel<Bf16, D><<<grid, kThreads, smem, stream>>>(p);
+    quantize_kv_kernel<Bf16, D, Gather><<<grid, kThreads, smem, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   {
     const dim3 grid((p.tokens_q + kBlockQ - 1) / kBlockQ, p.batch * p.heads_q);
-    quantize_q_kernel<Bf16, D><<<grid, kThreads, 0, stream>>>(p);
+    quantize_q_kernel<Bf16, D, Gather><<<grid, kThreads, 0, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
 
-template <bool Bf16>
+template <bool Bf16, bool Gather>
 cudaError_t launch_for_dim(const PreprocessParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 32: return launch_all<Bf16, 32>(p, stream);
-    case 64: return launch_all<Bf16, 64>(p, stream);
-    case 128: return launch_all<Bf16, 128>(p, stream);
-    case 256: return launch_all<Bf16, 256>(p, stream);
+    case 32: return launch_all<Bf16, 32, Gather>(p, stream);
+    case 64: return launch_all<Bf16, 64, Gather>(p, stream);
+    case 128: return launch_all<Bf16, 128, Gather>(p, stream);
+    case 256: return launch_all<Bf16, 256, Gather>(p, stream);
     default: return cudaErrorInvalidValue;  // the runtime only builds power-of-two head dims 32..256
   }
+}
+
+template <bool Bf16>
+cudaError_t launch_preprocess_typed(const PreprocessParams& p, cudaStream_t stream) {
+  const bool gather = p.q.rows != nullptr || p.k.rows != nullptr || p.v.rows != nullptr;
+  return gather ? launch_for_dim<Bf16, true>(p, stream) : launch_for_dim<Bf16, false>(p, stream);
 }
 
 }  // namespace
@@ -423,7 +438,7 @@ int launch_bitmap_to_lut(const uint8_t* bits, int64_t rows, int blocks_k, int32_
 
 int launch_preprocess(const PreprocessParams& params, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return static_cast<int>(params.in_bf16 ? launch_for_dim<true>(params, s) : launch_for_dim<false>(params, s));
+  return static_cast<int>(params.in_bf16 ? launch_preprocess_typed<true>(params, s) : launch_preprocess_typed<false>(params, s));
 }
 
 }  // namespace sparq::cuda

@@ -40,6 +40,9 @@ struct AttentionParams {
   int64_t o_stride_b = 0, o_stride_h = 0, o_stride_t = 0;
   float* lse = nullptr;  // null: no LSE
   int64_t l_stride_b = 0, l_stride_h = 0, l_stride_t = 0;
+  // A fused token order: the output and LSE of token i go to row out_rows[i] (i < out_rows_size; row i beyond).
+  const int32_t* out_rows = nullptr;
+  int out_rows_size = 0;
 
   int batch = 0, heads_q = 0, heads_kv = 0, tokens_q = 0, tokens_k = 0, kv_group = 1;
   int q_groups = 0, k_groups = 0, vt_stride = 0;

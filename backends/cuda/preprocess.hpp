@@ -12,6 +12,9 @@ struct InputView {
   const void* data = nullptr;
   int64_t stride_b = 0, stride_h = 0, stride_t = 0;
   bool aligned16 = false;  // base and strides allow 16-byte loads
+  // Token i is stored row rows[i] (i < rows_size; row i beyond): a fused token order (backend.hpp).
+  const int32_t* rows = nullptr;
+  int rows_size = 0;
 };
 
 struct PreprocessParams {

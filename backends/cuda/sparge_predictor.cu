@@ -147,7 +147,7 @@ struct PoolArgs {
 // the chunks through a ChunkCounter. Missing token slots (past the sequence, or padding to a power of two) are +0.
 // 4 CTAs of 128 threads per SM at D128 (128 registers, no spill): at 168 registers only 3 fit, too few loads in
 // flight. (A raw-sum-only instantiation with fewer registers spilled its chunk counters.)
-template <bool Bf16, int G>
+template <bool Bf16, int G, bool Gather>
 __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolArgs a) {
   constexpr int D = 8 * G;
   __shared__ float part_s[8][D];  // per token group: 8-token sub-tree of every channel
@@ -191,7 +191,9 @@ __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolAr
 #pragma unroll
       for (int r = 0; r < 8; ++r) {
         const int t = c0 + tg * 8 + r;
-        const uint16_t* row = base + static_cast<int64_t>(t < t1 ? t : t0) * x.stride_t + cg * 8;
+        const int tt = t < t1 ? t : t0;
+        const int stored = Gather && tt < x.rows_size ? __ldg(x.rows + tt) : tt;
+        const uint16_t* row = base + static_cast<int64_t>(stored) * x.stride_t + cg * 8;
         raw8[r] = __ldg(reinterpret_cast<const uint4*>(row));
         if (t >= t1) raw8[r] = make_uint4(0u, 0u, 0u, 0u);
       }
@@ -199,7 +201,6 @@ __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolAr
 #pragma unroll
     for (int r = 0; r < 8; ++r) {
       const int t = c0 + tg * 8 + r;
-      const uint16_t* row = base + static_cast<int64_t>(t) * x.stride_t + cg * 8;
       if (vec) {
         const uint32_t w[4] = {raw8[r].x, raw8[r].y, raw8[r].z, raw8[r].w};
 #pragma unroll
@@ -208,6 +209,8 @@ __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolAr
           v[r][i] = ftz(load16<Bf16>(&bits));
         }
       } else {
+        const int stored = Gather && t < x.rows_size ? __ldg(x.rows + t) : t;
+        const uint16_t* row = base + static_cast<int64_t>(stored) * x.stride_t + cg * 8;
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[r][i] = t < t1 ? ftz(load16<Bf16>(row + i)) : 0.0f;
       }
@@ -544,30 +547,32 @@ std::size_t carve(const SpargePredictParams& p, Workspace* w) {
   return at;
 }
 
-template <bool Bf16, int G>
+// Gather: q and k are read through a fused token order (a separate instantiation: the dependent index load
+// costs the plain kernel nothing).
+template <bool Bf16, int G, bool Gather>
 cudaError_t launch_typed(const PoolArgs& base, cudaStream_t stream) {
   const SpargePredictParams& p = base.p;
   constexpr int D = 8 * G;
   PoolArgs a = base;
   a.which = 0;
-  pool_kernel<Bf16, G><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
+  pool_kernel<Bf16, G, Gather><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
   const int64_t channels = int64_t(p.batch) * p.heads_kv * D;
   kmean_kernel<<<static_cast<unsigned>((channels + 127) / 128), 128, 0, stream>>>(a);
   a.which = 1;
-  pool_kernel<Bf16, G><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
+  pool_kernel<Bf16, G, Gather><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
   a.which = 2;
-  pool_kernel<Bf16, G><<<dim3(p.blocks_q, p.heads_q, p.batch), D, 0, stream>>>(a);
+  pool_kernel<Bf16, G, Gather><<<dim3(p.blocks_q, p.heads_q, p.batch), D, 0, stream>>>(a);
   select_kernel<D / 32><<<dim3((p.blocks_q + kSelectRows - 1) / kSelectRows, p.heads_q, p.batch), kSelectThreads, 0,
                            stream>>>(a);
   return cudaGetLastError();
 }
 
-template <bool Bf16>
+template <bool Bf16, bool Gather>
 cudaError_t launch_dim(const PoolArgs& a, cudaStream_t stream) {
   switch (a.p.head_dim) {
-    case 64: return launch_typed<Bf16, 8>(a, stream);
-    case 128: return launch_typed<Bf16, 16>(a, stream);
-    default: return launch_typed<Bf16, 32>(a, stream);
+    case 64: return launch_typed<Bf16, 8, Gather>(a, stream);
+    case 128: return launch_typed<Bf16, 16, Gather>(a, stream);
+    default: return launch_typed<Bf16, 32, Gather>(a, stream);
   }
 }
 
@@ -588,7 +593,9 @@ int launch_sparge_predict(const SpargePredictParams& p, void* stream) {
   carve(p, &w);
   a.ksum = w.ksum, a.km = w.km, a.kmean = w.kmean, a.ksim = w.ksim, a.qmean = w.qmean, a.qsim = w.qsim;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return static_cast<int>(p.in_bf16 ? launch_dim<true>(a, s) : launch_dim<false>(a, s));
+  const bool gather = p.q.rows != nullptr || p.k.rows != nullptr;
+  if (gather) return static_cast<int>(p.in_bf16 ? launch_dim<true, true>(a, s) : launch_dim<false, true>(a, s));
+  return static_cast<int>(p.in_bf16 ? launch_dim<true, false>(a, s) : launch_dim<false, false>(a, s));
 }
 
 int launch_permute(const PermuteParams& p, void* stream) {

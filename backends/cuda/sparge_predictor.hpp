@@ -12,6 +12,8 @@ namespace sparq::cuda {
 struct SpargeView {
   const void* data = nullptr;
   int64_t stride_b = 0, stride_h = 0, stride_t = 0;
+  const int32_t* rows = nullptr;  // a fused token order: token i is stored row rows[i] (i < rows_size)
+  int rows_size = 0;
 };
 
 struct SpargePredictParams {

@@ -76,6 +76,14 @@ struct AttentionProblem {
   bool has_lse = false;
   Operand lse;  // F32 [B, Hq, Nq]: stride_batch, stride_head, stride_token
 
+  // A token order fused into the reads and writes (SpargeAttn's Hilbert order; backends whose
+  // reads_token_order() is true): when token_order.storage is set (I32 [token_order_size], size <= Nq == Nk),
+  // the problem is attention over the reordered sequence: its token i is row order[i] of q, k and v (row i
+  // beyond the order), and its output and LSE row i are written to row order[i]. The tensors stay in the
+  // caller's order, so no permuted copies are made.
+  Operand token_order;
+  int64_t token_order_size = 0;
+
   int kv_group() const { return heads_q / heads_kv; }
 };
 
@@ -94,6 +102,8 @@ struct SpargePredictProblem {
   std::vector<float> simthreshd, cdfthreshd, topk;  // [Hq]
   std::vector<uint8_t> dense;                       // [Hq]
   Operand counts, indices;  // outputs: I32 [B, Hq, nQB] and [B, Hq, nQB, nKB] (contiguous)
+  Operand token_order;      // as in AttentionProblem: q and k read in this order (storage null: as stored)
+  int64_t token_order_size = 0;
 };
 
 // For every (src, dst) pair: dst[b, h, i] = src[b, h, order[i]] for i < order.size(), dst[b, h, i] =
@@ -142,6 +152,9 @@ class BackendImpl {
   virtual PVPrecision default_pv_precision() const { return PVPrecision::Fp16; }
   // Whether attention() honours AttentionProblem::pv_threshold (the SpargeAttn stage-2 P·V skip).
   virtual bool supports_pv_skip() const { return false; }
+  // Whether attention() and sparge_predict() honour a token order (AttentionProblem::token_order); where not,
+  // the runtime permutes copies of the tensors.
+  virtual bool reads_token_order() const { return false; }
   // Throws Error(NotSupported, "... not supported by the X backend ...") for what it cannot do.
   virtual void attention(const AttentionProblem& problem) = 0;
 

@@ -37,8 +37,10 @@ std::vector<SpargeParams> resolve_params(const std::vector<SpargeParams>& per_he
 
 void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                            const AttentionOptions& options, const BlockMask* mask,
-                           const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats) {
+                           const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats,
+                           const Tensor* token_order) {
   detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options, mask, nullptr);
+  if (token_order) set_token_order(p, *token_order);
   if (!pv_threshold.empty() && !ctx.impl().supports_pv_skip())
     detail::not_supported(ctx.backend(), "the SpargeAttn stage-2 P·V skip (a finite pvthreshd)");
   if (!pv_threshold.empty() && pv_threshold.size() != static_cast<std::size_t>(p.heads_q))
@@ -72,6 +74,26 @@ detail::Operand contiguous_operand(const Tensor& t) {
   return op;
 }
 
+// SPARQ_SPARGE_FUSED_ORDER=0 makes permuted copies even where the backend reads through the order (the tests
+// compare both).
+bool fused_order_disabled() {
+  const char* e = std::getenv("SPARQ_SPARGE_FUSED_ORDER");
+  return e && std::strcmp(e, "0") == 0;
+}
+
+// Host copies of q or k rows in the order (the host predictor's input when the order is fused on the device).
+void permute_host(HostTensor& t, const std::vector<int64_t>& order) {
+  const std::size_t D = static_cast<std::size_t>(t.dim), N = static_cast<std::size_t>(t.tokens);
+  std::vector<float> row_buffer(N * D);
+  for (int bh = 0; bh < t.batch * t.heads; ++bh) {
+    float* head = t.data.data() + static_cast<std::size_t>(bh) * N * D;
+    std::copy(head, head + N * D, row_buffer.begin());
+    for (std::size_t i = 0; i < order.size(); ++i)
+      std::copy_n(row_buffer.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(order[i]) * D), D,
+                  head + i * D);
+  }
+}
+
 // Stage 1 on the device when the context's backend has a predictor (the LUT never leaves the device);
 // nullopt otherwise. `p`: the validated problem of q and k. lut receives the geometry and the block counts
 // (the computed count only when `count_computed`, which downloads the counts). `scratch_lut`: the LUT goes to
@@ -85,6 +107,7 @@ std::optional<BlockMask> predict_on_device(Context& ctx, const detail::Attention
   sp.batch = p.batch, sp.heads_q = p.heads_q, sp.heads_kv = p.heads_kv;
   sp.tokens_q = p.tokens_q, sp.tokens_k = p.tokens_k, sp.head_dim = p.head_dim;
   sp.q = p.q, sp.k = p.k;
+  sp.token_order = p.token_order, sp.token_order_size = p.token_order_size;
   sp.block_q = g.block_q, sp.block_k = g.block_k, sp.blocks_q = g.blocks_q(), sp.blocks_k = g.blocks_k();
   sp.causal = g.causal, sp.sink = options.attention_sink, sp.diagonal = options.diagonal;
   sp.scale_log2 = scale_log2(p.scale);
@@ -176,6 +199,10 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   std::shared_ptr<const sparge::GridOrder> order;
   Tensor qp = q, kp = k, vp = v, outp = out;
   const bool permute = options.hilbert && !(all_dense && lambda.empty());
+  // Where the backend reads and writes through the order itself (the CUDA preprocessing, predictor and output
+  // epilogue), no copies are made: the same arithmetic on the same rows, without three passes over q, k, v
+  // and one over the output.
+  const bool fused = permute && ctx.impl().reads_token_order() && !sparge::fused_order_disabled();
   if (options.hilbert) {
     const TokenGrid& g = *options.hilbert;
     if (g.t <= 0 || g.h <= 0 || g.w <= 0)
@@ -193,6 +220,8 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   }
   if (permute) {
     order = sparge::grid_order(ctx, *options.hilbert);
+  }
+  if (permute && !fused) {
     qp = sparge::scratch(ctx, sparge::Scratch::Q, q.dtype(), q.shape());
     kp = sparge::scratch(ctx, sparge::Scratch::K, k.dtype(), k.shape());
     vp = sparge::scratch(ctx, sparge::Scratch::V, v.dtype(), v.shape());
@@ -209,11 +238,16 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
     lut.computed = lut.valid;
   } else {
     detail::AttentionProblem pp = p;
-    if (permute) pp = detail::make_problem(ctx, qp, kp, vp, outp, options.attention, nullptr, nullptr);
+    if (permute && !fused) pp = detail::make_problem(ctx, qp, kp, vp, outp, options.attention, nullptr, nullptr);
+    if (fused) sparge::set_token_order(pp, order->order_device);
     mask = sparge::predict_on_device(ctx, pp, options, params, stats != nullptr, lut, true);
     if (!mask) {
       sparge::HostTensor hq = sparge::download(ctx, qp, layout);
       sparge::HostTensor hk = sparge::download(ctx, kp, layout);
+      if (fused) {
+        sparge::permute_host(hq, order->order);
+        sparge::permute_host(hk, order->order);
+      }
       lut = sparge::predict_lut(hq, hk, options, p.scale, params);
       mask = sparge::upload_lut(ctx, lut, options);
     }
@@ -221,9 +255,10 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
 
   detail::AttentionProblem::Stats backend_stats;
   sparge::attention_with_stage2(ctx, qp, kp, vp, outp, options.attention, mask ? &*mask : nullptr, lambda,
-                                stats && !lambda.empty() ? &backend_stats : nullptr);
+                                stats && !lambda.empty() ? &backend_stats : nullptr,
+                                fused ? &order->order_device : nullptr);
 
-  if (permute) sparge::permute_pairs(ctx, {{outp, out}}, order->inverse, &order->inverse_device, layout);
+  if (permute && !fused) sparge::permute_pairs(ctx, {{outp, out}}, order->inverse, &order->inverse_device, layout);
   if (stats) {
     *stats = SpargeStats{};
     stats->blocks_valid = lut.valid;

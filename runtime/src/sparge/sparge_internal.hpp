@@ -138,8 +138,17 @@ void permute_pairs(Context& ctx, const std::vector<std::pair<Tensor, Tensor>>& p
 // ---- stage 2 -----------------------------------------------------------------------------------------------
 
 // attention() with a block mask (nullptr: none), a per query head P·V threshold (empty = no stage 2) and optional statistics.
+// `token_order` (I32, may be null): read and write through it (AttentionProblem::token_order).
 void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                            const AttentionOptions& options, const BlockMask* mask,
-                           const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats);
+                           const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats,
+                           const Tensor* token_order = nullptr);
+// Sets p.token_order to a contiguous I32 tensor of the context's backend.
+inline void set_token_order(detail::AttentionProblem& p, const Tensor& order) {
+  p.token_order.storage = order.storage();
+  p.token_order.offset_bytes = order.offset_bytes();
+  p.token_order.dtype = DType::I32;
+  p.token_order_size = order.numel();
+}
 
 }  // namespace sparq::sparge
