@@ -144,15 +144,19 @@ __global__ void kv_finalize_kernel(const PreprocessParams p) {
 
 // Eight consecutive channels of one token row as they are stored (loaded before they are needed, so that a
 // thread has all its rows' loads in flight at once), and as floats.
-template <bool Gather>
-__device__ __forceinline__ uint4 load_raw8(const InputView& x, int b, int h, int token, int c) {
+__device__ __forceinline__ uint4 load_stored_raw8(const InputView& x, int b, int h, int stored, int c) {
   const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
-                        static_cast<int64_t>(stored_row<Gather>(x, token)) * x.stride_t + c;
+                        static_cast<int64_t>(stored) * x.stride_t + c;
   if (x.aligned16) return *reinterpret_cast<const uint4*>(row);
   uint32_t w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) w[i] = static_cast<uint32_t>(row[2 * i]) | static_cast<uint32_t>(row[2 * i + 1]) << 16;
   return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <bool Gather>
+__device__ __forceinline__ uint4 load_raw8(const InputView& x, int b, int h, int token, int c) {
+  return load_stored_raw8(x, b, h, stored_row<Gather>(x, token), c);
 }
 
 template <bool Bf16>
@@ -285,10 +289,21 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
     return (r / 16) * 8 + r % 8;
   };
 
+  // A fused order's rows of the tile go through shared memory first: with the index loads in registers the
+  // compiler's division slowpath spilled.
+  __shared__ int stored_rows[Gather ? kTile : 1];
+  if constexpr (Gather) {
+    for (int r = threadIdx.x; r < kTile; r += kThreads)
+      stored_rows[r] = token0 + r < p.tokens_q ? stored_row<true>(p.q, token0 + r) : 0;
+    __syncthreads();
+  }
   uint4 raw[kIters];
 #pragma unroll
-  for (int it = 0; it < kIters; ++it)
-    raw[it] = valid(it) ? load_raw8<Gather>(p.q, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
+  for (int it = 0; it < kIters; ++it) {
+    const int r = it * kRows + lane_r;
+    raw[it] = valid(it) ? load_stored_raw8(p.q, b, h, Gather ? stored_rows[r] : token0 + r, lane_c * 8)
+                        : make_uint4(0, 0, 0, 0);
+  }
   float km[8] = {};
   if (p.want_q_km) load_floats8(p.k_mean + static_cast<int64_t>(kv_bh) * D + lane_c * 8, km);
   if (threadIdx.x < 64) amax_bits[threadIdx.x] = 0u;
