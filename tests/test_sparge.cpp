@@ -1307,6 +1307,11 @@ TEST_CASE("hilbert (CUDA): repeated sparge_attention calls, shapes growing and s
       setenv("SPARQ_SPARGE_FUSED_ORDER", fused, 1);
       check_hilbert_calls(*gpu, pv);
     }
+  // The host predictor (where the device one does not cover a shape) on q and k read through the fused order.
+  setenv("SPARQ_SPARGE_FUSED_ORDER", "1", 1);
+  setenv("SPARQ_SPARGE_PREDICTOR", "host", 1);
+  check_hilbert_calls(*gpu);
+  unsetenv("SPARQ_SPARGE_PREDICTOR");
   unsetenv("SPARQ_SPARGE_FUSED_ORDER");
 }
 
