@@ -81,6 +81,45 @@ __device__ __forceinline__ void tile_row_max_s32(const int (&acc)[8][4], float q
   }
 }
 
+// S = Q8 · K8ᵀ of one 64-key tile (64 x 64, s32): D/32 s8 wgmma from shared memory, committed as one group.
+template <int D>
+__device__ __forceinline__ void issue_qk_wgmma(int (&acc)[32], uint64_t q_desc, uint64_t k_desc) {
+  wgmma_fence();
+  wgmma_s8_m64n64k32_zero(acc, q_desc, k_desc);
+#pragma unroll
+  for (int kk = 1; kk < D / 32; ++kk) wgmma_s8_m64n64k32(acc, q_desc + 2 * kk, k_desc + 2 * kk, 1);
+  wgmma_commit();
+}
+
+// tile = P · V of one 64-key tile: P as two 32-key e4m3 fragments in registers (A), Vᵀ from shared memory,
+// committed as one group.
+template <int D>
+__device__ __forceinline__ void issue_pv_wgmma(float (&tile_acc)[D / 2], const uint32_t (&pa)[2][4], uint64_t v_desc) {
+  wgmma_fence();
+  if constexpr (D == 128) {
+    wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc);
+    wgmma_e4m3_m64n128k32_rs(tile_acc, pa[1], v_desc + 2, 1);
+  } else {
+    wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc);
+    wgmma_e4m3_m64n64k32_rs(tile_acc, pa[1], v_desc + 2, 1);
+  }
+  wgmma_commit();
+}
+
+// The base-2 logits of tile `tile` from its s32 accumulator (acc · q_scale · k_scale), masked where the tile
+// needs it, and their row maxima: from the masked logits, or for an unmasked tile from the accumulator itself.
+__device__ __forceinline__ void tile_logits(const AttentionParams& p, int tile, int warp_row0, int g, int t,
+                                            int causal_offset, const int (&acc)[32], float qk_scale0,
+                                            float qk_scale1, float (&s)[8][4], float (&tile_max)[2]) {
+  dequantize_logits<Sm90IntToFloat>(n_tiles(acc), qk_scale0, qk_scale1, s);
+  if (tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset)) {
+    mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
+    tile_row_max(s, tile_max);
+  } else {
+    tile_row_max_s32(n_tiles(acc), qk_scale0, qk_scale1, tile_max);
+  }
+}
+
 // The stage-2 instantiation keeps 3 CTAs per SM at D64 (its counters and λ do not fit 4 CTAs' 127 registers).
 template <int D, bool Stage2>
 __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Config<D>::kMinBlocks)
@@ -93,7 +132,6 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
   using VTile = typename Cfg::VTile;
   using QTile = typename Cfg::QTile;
   constexpr int kStages = Cfg::kStages;
-  constexpr int kKSteps = D / 32;
   constexpr int kDTiles = D / 8;
 
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -171,12 +209,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
 
     // ---- S = Q8 · K8ᵀ (64 x 64, s32) ---------------------------------------------------------------------------
     int acc[32];
-    const uint64_t k_desc = smem_descriptor<D>(k_smem);
-    wgmma_fence();
-    wgmma_s8_m64n64k32_zero(acc, q_desc, k_desc);
-#pragma unroll
-    for (int kk = 1; kk < kKSteps; ++kk) wgmma_s8_m64n64k32(acc, q_desc + 2 * kk, k_desc + 2 * kk, 1);
-    wgmma_commit();
+    issue_qk_wgmma<D>(acc, q_desc, smem_descriptor<D>(k_smem));
 
     // K scales while the MMAs run. The logit is acc · (q_scale · k_scale).
     float qk_scale0, qk_scale1;
@@ -186,14 +219,8 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
 
     // ---- dequantize to base-2 logits, mask, online softmax (per warp, as attention_kernel.cuh) ------------------
     float s[8][4];
-    dequantize_logits<Sm90IntToFloat>(n_tiles(acc), qk_scale0, qk_scale1, s);
     float tile_max[2];
-    if (tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset)) {
-      mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
-      tile_row_max(s, tile_max);
-    } else {
-      tile_row_max_s32(n_tiles(acc), qk_scale0, qk_scale1, tile_max);
-    }
+    tile_logits(p, tile, warp_row0, g, t, causal_offset, acc, qk_scale0, qk_scale1, s, tile_max);
     // SpargeAttn stage 2, decided per warp (16 rows) exactly as attention_kernel.cuh: a skipping warp leaves its
     // rows' max, sum and O as they are (P = 0, alpha = 1) while the warpgroup's P·V runs for the others; the MMA
     // itself is skipped when all four warps skip.
@@ -209,17 +236,8 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
     if (pv_skip && __syncthreads_and(warp_skip)) continue;  // uniform: the CTA is one warpgroup
 
     // ---- tile = P · V (e4m3, A from registers), O = O·alpha + tile ----------------------------------------------
-    const uint64_t v_desc = smem_descriptor<kBlockK>(v_smem);
     float tile_acc[kDTiles * 4];
-    wgmma_fence();
-    if constexpr (D == 128) {
-      wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc);
-      wgmma_e4m3_m64n128k32_rs(tile_acc, pa[1], v_desc + 2, 1);
-    } else {
-      wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc);
-      wgmma_e4m3_m64n64k32_rs(tile_acc, pa[1], v_desc + 2, 1);
-    }
-    wgmma_commit();
+    issue_pv_wgmma<D>(tile_acc, pa, smem_descriptor<kBlockK>(v_smem));
     wgmma_wait<0>();
     register_fence(tile_acc);
 #pragma unroll
@@ -290,7 +308,6 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
   constexpr int kBlockQ = Cfg::kBlockQ;
   constexpr int kStages = Cfg::kStages;
   constexpr int kStageBytes = Cfg::kStageBytes;
-  constexpr int kKSteps = D / 32;
   constexpr int kDTiles = D / 8;
 
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -370,37 +387,16 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
   const uint64_t k_desc0 = smem_descriptor<D>(smem_base);
   const uint64_t v_desc0 = smem_descriptor<kBlockK>(smem_base + KTile::kBytes);
   auto issue_qk = [&](int stage, int (&acc)[32]) {
-    const uint64_t k_desc = k_desc0 + static_cast<uint32_t>(stage * (kStageBytes >> 4));
-    wgmma_fence();
-    wgmma_s8_m64n64k32_zero(acc, q_desc, k_desc);
-#pragma unroll
-    for (int kk = 1; kk < kKSteps; ++kk) wgmma_s8_m64n64k32(acc, q_desc + 2 * kk, k_desc + 2 * kk, 1);
-    wgmma_commit();
+    issue_qk_wgmma<D>(acc, q_desc, k_desc0 + static_cast<uint32_t>(stage * (kStageBytes >> 4)));
   };
   auto issue_pv = [&](int stage, const uint32_t (&pa)[2][4], float (&tile_acc)[kDTiles * 4]) {
-    const uint64_t v_desc = v_desc0 + static_cast<uint32_t>(stage * (kStageBytes >> 4));
-    wgmma_fence();
-    if constexpr (D == 128) {
-      wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc);
-      wgmma_e4m3_m64n128k32_rs(tile_acc, pa[1], v_desc + 2, 1);
-    } else {
-      wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc);
-      wgmma_e4m3_m64n64k32_rs(tile_acc, pa[1], v_desc + 2, 1);
-    }
-    wgmma_commit();
+    issue_pv_wgmma<D>(tile_acc, pa, v_desc0 + static_cast<uint32_t>(stage * (kStageBytes >> 4)));
   };
   // The softmax of tile `tile` from its S accumulator: P(·448) as e4m3 fragments and alpha.
   auto softmax = [&](int tile, const int (&acc)[32], float s0, float s1, uint32_t (&pa)[2][4], float (&alpha)[2]) {
     float s[8][4];
     float tile_max[2];
-    const bool masked = tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset);
-    dequantize_logits<Sm90IntToFloat>(n_tiles(acc), s0, s1, s);
-    if (masked) {
-      mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
-      tile_row_max(s, tile_max);
-    } else {
-      tile_row_max_s32(n_tiles(acc), s0, s1, tile_max);
-    }
+    tile_logits(p, tile, warp_row0, g, t, causal_offset, acc, s0, s1, s, tile_max);
     online_softmax_update<true>(s, tile_max, row_max, row_sum, alpha);
     pack_p_e4m3(s, pa);
   };
