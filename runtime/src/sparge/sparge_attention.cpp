@@ -153,7 +153,8 @@ BlockMask predict_block_mask(Context& ctx, const Tensor& q, const Tensor& k, con
   // validate q and k like attention() does (k stands in for v and a scratch output for out)
   sparge::check_blocks(ctx, options, what);
   if (!q.defined() || !k.defined()) sparge::bad(what, "q and k must be defined tensors");
-  Tensor scratch = ctx.empty(q.dtype() == DType::BF16 ? DType::BF16 : DType::F16, q.shape());
+  // The context's output scratch (no allocation per call): never written, only validated as `out`.
+  Tensor scratch = sparge::scratch(ctx, sparge::Scratch::Out, q.dtype() == DType::BF16 ? DType::BF16 : DType::F16, q.shape());
   detail::AttentionProblem p = detail::make_problem(ctx, q, k, k, scratch, options.attention, nullptr, nullptr);
   std::vector<SpargeParams> params = sparge::resolve_params(per_head, p.heads_q, what);
   sparge::Lut lut;
