@@ -1292,8 +1292,56 @@ TEST_CASE("hilbert (reference): repeated sparge_attention calls, shapes growing 
   Context ctx = Context::create(Backend::Reference);
   check_hilbert_calls(ctx);
 }
+// Vulkan reads and writes through the order too (GATHER specializations of its preprocessing, predictor and
+// attention kernels: no permuted copies); SPARQ_SPARGE_FUSED_ORDER=0 makes the copies instead. Both must equal
+// the order applied by hand. Vulkan's P·V is FP16 (Auto is Fp16 there, Fp8 is not supported), so the variants
+// run are the kernel flavours: the automatic choice (cooperative matrices on a GPU that has them) and the
+// portable kernel.
 TEST_CASE("hilbert (Vulkan): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
-  if (auto gpu = device_context(Backend::Vulkan)) check_hilbert_calls(*gpu);
+  auto gpu = device_context(Backend::Vulkan);
+  if (!gpu) return;
+  for (const char* fused : {"1", "0"})
+    for (const char* kernels : {"", "portable"}) {
+      CAPTURE(fused);
+      CAPTURE(kernels);
+      setenv("SPARQ_SPARGE_FUSED_ORDER", fused, 1);
+      setenv("SPARQ_VULKAN_KERNELS", kernels, 1);
+      check_hilbert_calls(*gpu);
+    }
+  unsetenv("SPARQ_VULKAN_KERNELS");
+  // The host predictor (where the device one does not cover a shape) on q and k read through the fused order.
+  setenv("SPARQ_SPARGE_FUSED_ORDER", "1", 1);
+  setenv("SPARQ_SPARGE_PREDICTOR", "host", 1);
+  check_hilbert_calls(*gpu);
+  unsetenv("SPARQ_SPARGE_PREDICTOR");
+  // fp16 Q·Kᵀ, where the attention kernel reads Q rows itself (and quant writes smoothed K in token order):
+  // fused and copies agree bit for bit, with 16-byte aligned rows and with padded ones.
+  for (int pad : {0, 3}) {
+    CAPTURE(pad);
+    const TokenGrid grid{1, 12, 20};
+    const int B = 1, Hq = 2, Hkv = 1, D = 64, extra = 20;
+    const int N = static_cast<int>(grid.tokens()) + extra;  // a 13 x 20 grid of inputs, 12 x 20 in curve order
+    Qkv x = grid_inputs(1, 13, 20, B, Hq, Hkv, D, 20.0, 3.0, 300 + pad);
+    SpargeOptions opt;
+    opt.attention.qk_precision = QKPrecision::Fp16;
+    opt.hilbert = grid;
+    opt.block_q = 64;
+    SpargeParams p = sp(0.3f, 0.95f, 0.0f, false);
+    p.pvthreshd = 6.0f;
+    Tensor q = upload_as(*gpu, x.q, B, Hq, N, D, DType::F16, Layout::HND, pad);
+    Tensor k = upload_as(*gpu, x.k, B, Hkv, N, D, DType::F16, Layout::HND, pad);
+    Tensor v = upload_as(*gpu, x.v, B, Hkv, N, D, DType::F16, Layout::HND, pad);
+    std::vector<uint16_t> got[2];
+    for (int m = 0; m < 2; ++m) {
+      setenv("SPARQ_SPARGE_FUSED_ORDER", m == 0 ? "1" : "0", 1);
+      Tensor out = gpu->empty(DType::F16, {B, Hq, N, D});
+      sparge_attention(*gpu, q, k, v, out, opt, {p});
+      got[m] = bits_of(*gpu, out);
+    }
+    CHECK(got[0] == got[1]);
+    CHECK(std::any_of(got[0].begin(), got[0].end(), [](uint16_t b) { return (b & 0x7FFF) != 0; }));
+  }
+  unsetenv("SPARQ_SPARGE_FUSED_ORDER");
 }
 // CUDA reads and writes through the order (no permuted copies; FP16 P·V copies V in token order);
 // SPARQ_SPARGE_FUSED_ORDER=0 makes the copies instead. Both must equal the order applied by hand.

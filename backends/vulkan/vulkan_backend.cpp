@@ -40,6 +40,7 @@ struct VkParams {
   std::uint32_t smooth_k, q_span, q_inner, k_span, k_inner, nqg, nkg;
   std::uint32_t mask_bq, mask_bk, mask_hm, mask_nqb, mask_nkb, mask_off, mask_off2;
   std::uint32_t pv_skip;
+  std::uint32_t order_off, order_size;  // a fused token order (binding 18)
 };
 static_assert(sizeof(VkParams) % 4 == 0, "vkCmdUpdateBuffer needs a multiple of 4 bytes");
 
@@ -53,6 +54,7 @@ struct SpgParams {
   float scale_log2, inv_nk, inv_bq, inv_tail_q, inv_bk, inv_tail_k;
   std::uint32_t counts_off, indices_off;
   std::uint32_t p_off, p_sb, p_sh, p_st, d_off, d_sb, d_sh, d_st, p_heads, p_tokens, p_order;
+  std::uint32_t ord_off, ord_size;  // sparge_pool: a fused token order (binding 13)
 };
 static_assert(sizeof(SpgParams) % 4 == 0, "vkCmdUpdateBuffer needs a multiple of 4 bytes");
 
@@ -86,6 +88,9 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   std::array<int, 2> mask_granularity() const override { return {kTile, kTile}; }
   PVPrecision default_pv_precision() const override { return PVPrecision::Fp16; }
   bool supports_pv_skip() const override { return true; }
+  // The token order is fused (GATHER specialization of kmean, quant, the attention kernels and sparge_pool):
+  // rows are read and the output written through it, so the runtime makes no permuted copies.
+  bool reads_token_order() const override { return true; }
 
   std::shared_ptr<Storage> allocate(std::size_t bytes) override;
   std::shared_ptr<Storage> wrap_vulkan(uint64_t buffer, std::size_t offset, std::size_t bytes) override;
@@ -560,6 +565,18 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     binds[16] = whole(pv_thr_), binds[17] = whole(pv_stats_);
     prm.pv_skip = 1;
   }
+  // A fused token order (backend.hpp, AttentionProblem::token_order): kmean and quant read K and Q rows
+  // through it, the attention kernel V rows (and fp16 Q·Kᵀ's Q rows) and writes O and LSE rows through it.
+  // The preprocessed Q8, K8, K16 and scales are in token order, so the kernels' tiles are those of a copy.
+  const bool gather = p.token_order.storage != nullptr && p.token_order_size > 0;
+  if (gather) {
+    if (p.token_order.dtype != DType::I32 || p.token_order_size > std::min(p.tokens_q, Nk))
+      fail(Status::Internal, "vulkan: a token order must be I32 with at most min(Nq, Nk) entries");
+    OperandBinding o = bind_operand(*dev_, p.token_order, 4, p.token_order_size - 1, "token order");
+    binds[18] = o.range;
+    prm.order_off = o.first;
+    prm.order_size = u32(p.token_order_size, "token order size");
+  }
 
   // Grid limits.
   const std::uint32_t q_tiles = (p.tokens_q + kTile - 1) / kTile;
@@ -570,10 +587,10 @@ void VulkanBackend::attention(const AttentionProblem& p) {
       std::uint32_t(p.batch) > limits.maxComputeWorkGroupCount[2])
     not_supported(Backend::Vulkan, "this many heads or batches (workgroup count limit)");
 
-  const VkBool32 b_in = in_bf16, b_out = out_bf16, b_fp16 = !int8, b_causal = p.causal;
-  VkPipeline kmean = smooth ? dev_->pipeline("kmean", {b_in}) : VK_NULL_HANDLE;
-  VkPipeline quant = dev_->pipeline("quant", {b_in, b_fp16});
-  VkPipeline attn = dev_->pipeline(kernel, {b_in, b_out, b_fp16, b_causal});
+  const VkBool32 b_in = in_bf16, b_out = out_bf16, b_fp16 = !int8, b_causal = p.causal, b_gather = gather;
+  VkPipeline kmean = smooth ? dev_->pipeline("kmean", {b_in, b_gather}) : VK_NULL_HANDLE;
+  VkPipeline quant = dev_->pipeline("quant", {b_in, b_fp16, b_gather});
+  VkPipeline attn = dev_->pipeline(kernel, {b_in, b_out, b_fp16, b_causal, b_gather});
 
   // Record.
   VkDescriptorSet set = descriptor_set(binds);
@@ -700,6 +717,16 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   OperandBinding indices = bind_operand(*dev_, sp.indices, 4, rows * nkb - 1, "LUT indices");
   binds[10] = counts.range, binds[11] = indices.range;
   prm.counts_off = counts.first, prm.indices_off = indices.first;
+  // A fused token order (SpargePredictProblem::token_order): the pool passes read q and k rows through it.
+  const bool gather = sp.token_order.storage != nullptr && sp.token_order_size > 0;
+  if (gather) {
+    if (sp.token_order.dtype != DType::I32 || sp.token_order_size > std::min(sp.tokens_q, sp.tokens_k))
+      fail(Status::Internal, "vulkan: a token order must be I32 with at most min(Nq, Nk) entries");
+    OperandBinding o = bind_operand(*dev_, sp.token_order, 4, sp.token_order_size - 1, "token order");
+    binds[13] = o.range;
+    prm.ord_off = o.first;
+    prm.ord_size = u32(sp.token_order_size, "token order size");
+  }
 
   const VkDeviceSize kv_blocks = VkDeviceSize(B) * Hkv * nkb, q_blocks = VkDeviceSize(B) * Hq * nqb;
   // pooled rows of DP floats (padding channels +0), so that sparge_select reads them as aligned vec4
@@ -724,16 +751,17 @@ bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
   }
 
   const VkBool32 in_bf16 = sp.q.dtype == DType::BF16;
-  // sparge_pool's specialization: dtype, DP (threads), chunk counter levels, pass, 16-byte row loads.
+  // sparge_pool's specialization: dtype, DP (threads), chunk counter levels, pass, 16-byte row loads, order.
   const std::uint32_t levels = spg_log2(std::max(spg_slots(sp.block_q), spg_slots(sp.block_k)) / kSpargeChunk) + 1;
   auto aligned = [&](const OperandBinding& o, const Operand& op) {
     return VkBool32(o.first % 8 == 0 && op.stride_batch % 8 == 0 && op.stride_head % 8 == 0 &&
                     op.stride_token % 8 == 0 && D % 8 == 0);
   };
   const VkBool32 q_vec = aligned(q, sp.q), k_vec = aligned(k, sp.k);
-  VkPipeline pool_raw = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 0, k_vec});
-  VkPipeline pool_k = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 1, k_vec});
-  VkPipeline pool_q = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 2, q_vec});
+  const VkBool32 b_gather = gather;
+  VkPipeline pool_raw = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 0, k_vec, b_gather});
+  VkPipeline pool_k = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 1, k_vec, b_gather});
+  VkPipeline pool_q = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 2, q_vec, b_gather});
   VkPipeline kmean = dev_->pipeline("sparge_kmean", {});
   VkPipeline select = dev_->pipeline("sparge_select", {DP});
   // query block rows per select workgroup: as many as fit its 1024 shared slots

@@ -413,7 +413,7 @@ void Device::init(int index) {
   check(vkCreateDevice(physical_, &dci, nullptr, &device_), "vkCreateDevice");
   vkGetDeviceQueue(device_, queue_family_, 0, &queue_);
 
-  // --- the one descriptor-set layout: binding 0 the parameter block, 1..15 storage buffers
+  // --- the one descriptor-set layout: binding 0 the parameter block, 1..kStorageBindings storage buffers
   std::vector<VkDescriptorSetLayoutBinding> bindings(1 + kStorageBindings);
   for (std::uint32_t i = 0; i < bindings.size(); ++i) {
     bindings[i].binding = i;

@@ -16,6 +16,7 @@ layout(std140, set = 0, binding = 0) uniform ParamsBlock {
   uint smooth_k, q_span, q_inner, k_span, k_inner, nqg, nkg;
   uint mask_bq, mask_bk, mask_hm, mask_nqb, mask_nkb, mask_off, mask_off2;
   uint pv_skip;  // SpargeAttn stage 2 on: thresholds in pv_thr
+  uint order_off, order_size;  // a fused token order in token_order (token_row below)
 } P;
 
 layout(std430, set = 0, binding = 1) readonly buffer QIn { uint16_t q_in[]; };
@@ -39,6 +40,14 @@ layout(std430, set = 0, binding = 7) readonly buffer K84 { uvec4 k8_4[]; };
 layout(std430, set = 0, binding = 15) readonly buffer K164 { uvec4 k16_4[]; };
 layout(std430, set = 0, binding = 16) readonly buffer PvThr { float pv_thr[]; };  // [Hq] λ, log2 units
 layout(std430, set = 0, binding = 17) buffer PvStats { uint pv_stats[]; };      // [total, skipped]
+layout(std430, set = 0, binding = 18) readonly buffer TokenOrder { int token_order[]; };  // I32 [order_size]
+
+// A fused token order (AttentionProblem::token_order, SpargeAttn's Hilbert order): token t of the problem is
+// stored in row token_row(t) of q, k, v and of the output (row t beyond the order). `gather` is each kernel's
+// GATHER specialization constant: false folds this to t at pipeline creation, so the plain path reads no index.
+uint token_row(uint t, bool gather) {
+  return gather && t < P.order_size ? uint(token_order[P.order_off + t]) : t;
+}
 
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;

@@ -16,6 +16,7 @@ layout(std140, set = 0, binding = 0) uniform SpgParamsBlock {
   float scale_log2, inv_nk, inv_bq, inv_tail_q, inv_bk, inv_tail_k;
   uint counts_off, indices_off;
   uint p_off, p_sb, p_sh, p_st, d_off, d_sb, d_sh, d_st, p_heads, p_tokens, p_order;  // permutation
+  uint ord_off, ord_size;  // sparge_pool: q and k rows read through a fused token order (perm_order)
 } S;
 
 layout(std430, set = 0, binding = 1) readonly buffer SpgQ { uint16_t q_in[]; };
