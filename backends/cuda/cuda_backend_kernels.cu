@@ -35,25 +35,6 @@ __device__ __forceinline__ int stored_row(const InputView& x, int token) {
   return token;
 }
 
-// Eight consecutive channels of one token row as floats.
-template <bool Bf16, bool Gather>
-__device__ __forceinline__ void load8(const InputView& x, int b, int h, int token, int c, float (&out)[8]) {
-  const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
-                        static_cast<int64_t>(stored_row<Gather>(x, token)) * x.stride_t + c;
-  if (x.aligned16) {
-    const uint4 v = *reinterpret_cast<const uint4*>(row);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = to_float<Bf16>(static_cast<uint16_t>(w[i] & 0xffffu));
-      out[2 * i + 1] = to_float<Bf16>(static_cast<uint16_t>(w[i] >> 16));
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = to_float<Bf16>(row[i]);
-  }
-}
-
 __device__ __forceinline__ int8_t quantize_int8(float x, float step, bool zero) {
   if (zero) return 0;
   const float r = rintf(x / step);
@@ -73,6 +54,33 @@ __device__ __forceinline__ float row_lanes_max(float m, int lanes) {
   return m;
 }
 
+// Eight consecutive channels of one token row as they are stored (loaded before they are needed, so that a
+// thread has all its rows' loads in flight at once), and as floats.
+__device__ __forceinline__ uint4 load_stored_raw8(const InputView& x, int b, int h, int stored, int c) {
+  const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
+                        static_cast<int64_t>(stored) * x.stride_t + c;
+  if (x.aligned16) return *reinterpret_cast<const uint4*>(row);
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = static_cast<uint32_t>(row[2 * i]) | static_cast<uint32_t>(row[2 * i + 1]) << 16;
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <bool Gather>
+__device__ __forceinline__ uint4 load_raw8(const InputView& x, int b, int h, int token, int c) {
+  return load_stored_raw8(x, b, h, stored_row<Gather>(x, token), c);
+}
+
+template <bool Bf16>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = to_float<Bf16>(static_cast<uint16_t>(w[i] & 0xffffu));
+    out[2 * i + 1] = to_float<Bf16>(static_cast<uint16_t>(w[i] >> 16));
+  }
+}
+
 // Row stride of the transposed e4m3 V tile in shared memory: 4 bytes more than a tile row, so that the byte
 // stores of the 16 channel groups of a token land in different banks (a 64-byte stride put them all in one).
 constexpr int kVtRow = kBlockK + 4;
@@ -88,18 +96,38 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessPara
   const int lane_c = threadIdx.x % lanes, lane_r = threadIdx.x / lanes;
   float sum[8] = {}, vmax[8] = {};
   if (lane_r < rows) {
-    for (int token = begin + lane_r; token < end; token += rows) {
+    auto add_token = [&](const uint4& k_raw, const uint4& v_raw) {
       float x[8];
       if (p.smooth_k) {
-        load8<Bf16, Gather>(p.k, b, h, token, lane_c * 8, x);
+        unpack8<Bf16>(k_raw, x);
 #pragma unroll
         for (int i = 0; i < 8; ++i) sum[i] += x[i];
       }
       if (p.fp8_v) {
-        load8<Bf16, Gather>(p.v, b, h, token, lane_c * 8, x);
+        unpack8<Bf16>(v_raw, x);
 #pragma unroll
         for (int i = 0; i < 8; ++i) vmax[i] = fmaxf(vmax[i], fabsf(x[i]));
       }
+    };
+    // kStep tokens per step with all their loads issued first (no early exit inside, so they stay in flight
+    // together), then the remaining tokens one by one; the sums keep the token order.
+    constexpr int kStep = 4;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    int token = begin + lane_r;
+    for (; token + (kStep - 1) * rows < end; token += kStep * rows) {
+      uint4 k_raw[kStep], v_raw[kStep];
+#pragma unroll
+      for (int u = 0; u < kStep; ++u) {
+        k_raw[u] = p.smooth_k ? load_raw8<Gather>(p.k, b, h, token + u * rows, lane_c * 8) : zero;
+        v_raw[u] = p.fp8_v ? load_raw8<Gather>(p.v, b, h, token + u * rows, lane_c * 8) : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < kStep; ++u) add_token(k_raw[u], v_raw[u]);
+    }
+    for (; token < end; token += rows) {
+      const uint4 k_raw = p.smooth_k ? load_raw8<Gather>(p.k, b, h, token, lane_c * 8) : zero;
+      const uint4 v_raw = p.fp8_v ? load_raw8<Gather>(p.v, b, h, token, lane_c * 8) : zero;
+      add_token(k_raw, v_raw);
     }
     float* sums = stats_smem;
     float* maxs = stats_smem + rows * D;
@@ -139,33 +167,6 @@ __global__ void kv_finalize_kernel(const PreprocessParams p) {
       for (int i = 0; i < p.splits; ++i) m = fmaxf(m, maxs[static_cast<int64_t>(i) * D]);
       p.v_scale[static_cast<int64_t>(bh) * D + c] = m / 448.0f;
     }
-  }
-}
-
-// Eight consecutive channels of one token row as they are stored (loaded before they are needed, so that a
-// thread has all its rows' loads in flight at once), and as floats.
-__device__ __forceinline__ uint4 load_stored_raw8(const InputView& x, int b, int h, int stored, int c) {
-  const uint16_t* row = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h +
-                        static_cast<int64_t>(stored) * x.stride_t + c;
-  if (x.aligned16) return *reinterpret_cast<const uint4*>(row);
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) w[i] = static_cast<uint32_t>(row[2 * i]) | static_cast<uint32_t>(row[2 * i + 1]) << 16;
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-template <bool Gather>
-__device__ __forceinline__ uint4 load_raw8(const InputView& x, int b, int h, int token, int c) {
-  return load_stored_raw8(x, b, h, stored_row<Gather>(x, token), c);
-}
-
-template <bool Bf16>
-__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = to_float<Bf16>(static_cast<uint16_t>(w[i] & 0xffffu));
-    out[2 * i + 1] = to_float<Bf16>(static_cast<uint16_t>(w[i] >> 16));
   }
 }
 
