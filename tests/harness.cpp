@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -462,5 +463,27 @@ std::vector<Case> odd_size_cases(const Case& base) {
   }
   return cases;
 }
+
+namespace {
+void set_env(const std::string& name, const char* value) {
+#ifdef _WIN32
+  _putenv_s(name.c_str(), value ? value : "");  // an empty value removes the variable
+#else
+  if (value) setenv(name.c_str(), value, 1);
+  else unsetenv(name.c_str());
+#endif
+}
+}  // namespace
+
+ScopedEnv::ScopedEnv(const char* name, const char* value) : name_(name) {
+  const char* before = std::getenv(name);
+  had_ = before != nullptr;
+  if (had_) saved_ = before;
+  set(value);
+}
+
+ScopedEnv::~ScopedEnv() { set_env(name_, had_ ? saved_.c_str() : nullptr); }
+
+void ScopedEnv::set(const char* value) { set_env(name_, value); }
 
 }  // namespace sparq::test

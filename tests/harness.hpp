@@ -119,6 +119,21 @@ bool all_finite(const std::vector<float>& x);
 // Bit-for-bit equality (NaNs with equal bits are equal); first_diff receives the first differing index.
 bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b, std::size_t* first_diff = nullptr);
 
+// Sets an environment variable for a scope (nullptr: unset) and restores its previous value (or absence) when
+// the scope ends, also when a check throws. The backends read their SPARQ_* switches per call or per context.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value);
+  ~ScopedEnv();
+  void set(const char* value);  // within the scope
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, saved_;
+  bool had_ = false;
+};
+
 // Odd sizes: (Nq, Nk) in {1, 17, 1000, 4097} and some Nq != Nk pairs, with B·H small for the large ones;
 // everything else from `base`.
 std::vector<Case> odd_size_cases(const Case& base);

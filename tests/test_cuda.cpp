@@ -236,51 +236,43 @@ TEST_CASE("cuda options: layouts, strides, bf16, GQA, Nq != Nk, causal, no smoot
 TEST_CASE("cuda block masks: bitmap and LUT, mask heads, block sizes, empty rows, causal") {
   Context* ctx = cuda_ctx();
   if (!ctx) return;
-#ifndef _WIN32
   // Bitmaps are walked as a device-made LUT when it is small, else as they are; SPARQ_CUDA_BITMAP_LUT=0 (read per
   // call) forces the second, so both run here.
-  const char* previous = std::getenv("SPARQ_CUDA_BITMAP_LUT");
-  const std::string saved = previous ? previous : "";
   for (const char* bitmap_lut : {"1", "0"}) {
-    setenv("SPARQ_CUDA_BITMAP_LUT", bitmap_lut, 1);
+    ScopedEnv env("SPARQ_CUDA_BITMAP_LUT", bitmap_lut);
     INFO("SPARQ_CUDA_BITMAP_LUT=" << bitmap_lut);
-#endif
-  for (PVPrecision pv : pv_precisions(*ctx))
-    for (MaskKind kind : {MaskKind::Bitmap, MaskKind::Lut})
-      for (bool causal : {false, true}) {
-        Case c = cuda_case();
-        c.pv_precision = pv;
-        c.mask = kind;
-        c.causal = causal;
-        c.Nq = 1000;
-        c.Nk = 1100;
-        c.Hq = 4;
-        c.Hkv = 2;
-        c.density = 0.4;
-        check_case(*ctx, c);
-        Case empty = c;
-        empty.empty_rows = true;
-        check_case(*ctx, empty);
-        Case big = c;
-        big.block_q = 256;
-        big.block_k = 128;
-        big.mask_heads = kind == MaskKind::Bitmap ? 2 : 1;
-        check_case(*ctx, big);
-        Case fine = c;  // the kernel tile itself
-        fine.block_q = 64;
-        check_case(*ctx, fine);
-        if (kind == MaskKind::Bitmap) {
-          Case per_q_head = c;
-          per_q_head.mask_heads = 4;
-          per_q_head.D = 128;
-          check_case(*ctx, per_q_head);
+    for (PVPrecision pv : pv_precisions(*ctx))
+      for (MaskKind kind : {MaskKind::Bitmap, MaskKind::Lut})
+        for (bool causal : {false, true}) {
+          Case c = cuda_case();
+          c.pv_precision = pv;
+          c.mask = kind;
+          c.causal = causal;
+          c.Nq = 1000;
+          c.Nk = 1100;
+          c.Hq = 4;
+          c.Hkv = 2;
+          c.density = 0.4;
+          check_case(*ctx, c);
+          Case empty = c;
+          empty.empty_rows = true;
+          check_case(*ctx, empty);
+          Case big = c;
+          big.block_q = 256;
+          big.block_k = 128;
+          big.mask_heads = kind == MaskKind::Bitmap ? 2 : 1;
+          check_case(*ctx, big);
+          Case fine = c;  // the kernel tile itself
+          fine.block_q = 64;
+          check_case(*ctx, fine);
+          if (kind == MaskKind::Bitmap) {
+            Case per_q_head = c;
+            per_q_head.mask_heads = 4;
+            per_q_head.D = 128;
+            check_case(*ctx, per_q_head);
+          }
         }
-      }
-#ifndef _WIN32
   }
-  if (previous) setenv("SPARQ_CUDA_BITMAP_LUT", saved.c_str(), 1);
-  else unsetenv("SPARQ_CUDA_BITMAP_LUT");
-#endif
 }
 
 TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {
@@ -370,11 +362,8 @@ TEST_CASE("cuda results do not depend on the batch they are part of") {
 // kernels, compute capability 9.0 only); a path the GPU or the build lacks falls back to an older one or reports
 // NotSupported. Every path this GPU and build run gets one FP8 (where available) and one FP16 P·V case.
 TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
-#ifndef _WIN32
   if (!cuda_ctx()) return;
-  const char* previous = std::getenv("SPARQ_CUDA_PATH");
-  const std::string saved = previous ? previous : "";
-  setenv("SPARQ_CUDA_PATH", "sm42", 1);
+  ScopedEnv cuda_path("SPARQ_CUDA_PATH", "sm42");
   try {
     Context::create(Backend::Cuda);
     FAIL("SPARQ_CUDA_PATH=sm42 should be rejected");
@@ -382,14 +371,13 @@ TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
     CHECK(e.status() == Status::InvalidArgument);
   }
   // The sm90a path has three kernel choices (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_KERNEL, read per launch.
-  const char* previous_kernel = std::getenv("SPARQ_SM90_KERNEL");
-  const std::string saved_kernel = previous_kernel ? previous_kernel : "";
+  ScopedEnv sm90_kernel("SPARQ_SM90_KERNEL", nullptr);
   for (const char* path : {"sm80", "sm89", "sm90a"}) {
-    setenv("SPARQ_CUDA_PATH", path, 1);
+    cuda_path.set(path);
     Context ctx = Context::create(Backend::Cuda);
     for (const char* kernel : {"serial", "ws", "ws-free"}) {
       if (std::string(path) != "sm90a" && std::string(kernel) != "serial") continue;
-      setenv("SPARQ_SM90_KERNEL", kernel, 1);
+      sm90_kernel.set(kernel);
       for (PVPrecision pv : {PVPrecision::Fp16, PVPrecision::Fp8})
         for (bool causal : {false, true})
           for (int d : {64, 128}) {
@@ -411,11 +399,6 @@ TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
           }
     }
   }
-  if (previous) setenv("SPARQ_CUDA_PATH", saved.c_str(), 1);
-  else unsetenv("SPARQ_CUDA_PATH");
-  if (previous_kernel) setenv("SPARQ_SM90_KERNEL", saved_kernel.c_str(), 1);
-  else unsetenv("SPARQ_SM90_KERNEL");
-#endif
 }
 
 TEST_CASE("cuda rejects what it does not support") {

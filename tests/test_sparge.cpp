@@ -1091,9 +1091,10 @@ void check_device_sparge_attention(Context& gpu) {
     SpargeStats on_device, on_host;
     sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_device);
     const auto a = download(gpu, d.out);
-    setenv("SPARQ_SPARGE_PREDICTOR", "host", 1);
-    sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_host);
-    unsetenv("SPARQ_SPARGE_PREDICTOR");
+    {
+      test::ScopedEnv host("SPARQ_SPARGE_PREDICTOR", "host");
+      sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_host);
+    }
     const auto b = download(gpu, d.out);
     CHECK(on_device.predicted_on_device);
     CHECK_FALSE(on_host.predicted_on_device);
@@ -1300,20 +1301,21 @@ TEST_CASE("hilbert (reference): repeated sparge_attention calls, shapes growing 
 TEST_CASE("hilbert (Vulkan): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
   auto gpu = device_context(Backend::Vulkan);
   if (!gpu) return;
+  test::ScopedEnv fused_order("SPARQ_SPARGE_FUSED_ORDER", nullptr);
   for (const char* fused : {"1", "0"})
     for (const char* kernels : {"", "portable"}) {
       CAPTURE(fused);
       CAPTURE(kernels);
-      setenv("SPARQ_SPARGE_FUSED_ORDER", fused, 1);
-      setenv("SPARQ_VULKAN_KERNELS", kernels, 1);
+      fused_order.set(fused);
+      test::ScopedEnv kernel_choice("SPARQ_VULKAN_KERNELS", kernels);
       check_hilbert_calls(*gpu);
     }
-  unsetenv("SPARQ_VULKAN_KERNELS");
   // The host predictor (where the device one does not cover a shape) on q and k read through the fused order.
-  setenv("SPARQ_SPARGE_FUSED_ORDER", "1", 1);
-  setenv("SPARQ_SPARGE_PREDICTOR", "host", 1);
-  check_hilbert_calls(*gpu);
-  unsetenv("SPARQ_SPARGE_PREDICTOR");
+  fused_order.set("1");
+  {
+    test::ScopedEnv host("SPARQ_SPARGE_PREDICTOR", "host");
+    check_hilbert_calls(*gpu);
+  }
   // fp16 Q·Kᵀ, where the attention kernel reads Q rows itself (and quant writes smoothed K in token order):
   // fused and copies agree bit for bit, with 16-byte aligned rows and with padded ones.
   for (int pad : {0, 3}) {
@@ -1333,7 +1335,7 @@ TEST_CASE("hilbert (Vulkan): repeated sparge_attention calls, shapes growing and
     Tensor v = upload_as(*gpu, x.v, B, Hkv, N, D, DType::F16, Layout::HND, pad);
     std::vector<uint16_t> got[2];
     for (int m = 0; m < 2; ++m) {
-      setenv("SPARQ_SPARGE_FUSED_ORDER", m == 0 ? "1" : "0", 1);
+      fused_order.set(m == 0 ? "1" : "0");
       Tensor out = gpu->empty(DType::F16, {B, Hq, N, D});
       sparge_attention(*gpu, q, k, v, out, opt, {p});
       got[m] = bits_of(*gpu, out);
@@ -1341,26 +1343,24 @@ TEST_CASE("hilbert (Vulkan): repeated sparge_attention calls, shapes growing and
     CHECK(got[0] == got[1]);
     CHECK(std::any_of(got[0].begin(), got[0].end(), [](uint16_t b) { return (b & 0x7FFF) != 0; }));
   }
-  unsetenv("SPARQ_SPARGE_FUSED_ORDER");
 }
 // CUDA reads and writes through the order (no permuted copies; FP16 P·V copies V in token order);
 // SPARQ_SPARGE_FUSED_ORDER=0 makes the copies instead. Both must equal the order applied by hand.
 TEST_CASE("hilbert (CUDA): repeated sparge_attention calls, shapes growing and shrinking, many grids") {
   auto gpu = device_context(Backend::Cuda);
   if (!gpu) return;
+  test::ScopedEnv fused_order("SPARQ_SPARGE_FUSED_ORDER", nullptr);
   for (const char* fused : {"1", "0"})
     for (PVPrecision pv : {PVPrecision::Auto, PVPrecision::Fp16}) {
       CAPTURE(fused);
       CAPTURE(static_cast<int>(pv));
-      setenv("SPARQ_SPARGE_FUSED_ORDER", fused, 1);
+      fused_order.set(fused);
       check_hilbert_calls(*gpu, pv);
     }
   // The host predictor (where the device one does not cover a shape) on q and k read through the fused order.
-  setenv("SPARQ_SPARGE_FUSED_ORDER", "1", 1);
-  setenv("SPARQ_SPARGE_PREDICTOR", "host", 1);
+  fused_order.set("1");
+  test::ScopedEnv host("SPARQ_SPARGE_PREDICTOR", "host");
   check_hilbert_calls(*gpu);
-  unsetenv("SPARQ_SPARGE_PREDICTOR");
-  unsetenv("SPARQ_SPARGE_FUSED_ORDER");
 }
 
 TEST_CASE("device predictor (Vulkan): the reference's LUT bit for bit") {

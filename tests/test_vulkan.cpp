@@ -79,23 +79,6 @@ void check_parity(Context& ctx, const Case& c) {
 // Whether the device runs the cooperative-matrix kernels (VK_NV_cooperative_matrix with the needed shapes).
 bool has_coopmat() { return vulkan::device_features().find("cooperativeMatrixNV=1") != std::string::npos; }
 
-// Sets SPARQ_VULKAN_KERNELS for a scope (nullptr: unset), restoring the previous value after.
-struct ScopedKernels {
-  explicit ScopedKernels(const char* value) {
-    const char* before = std::getenv("SPARQ_VULKAN_KERNELS");
-    had = before != nullptr;
-    if (had) saved = before;
-    if (value) setenv("SPARQ_VULKAN_KERNELS", value, 1);
-    else unsetenv("SPARQ_VULKAN_KERNELS");
-  }
-  ~ScopedKernels() {
-    if (had) setenv("SPARQ_VULKAN_KERNELS", saved.c_str(), 1);
-    else unsetenv("SPARQ_VULKAN_KERNELS");
-  }
-  bool had = false;
-  std::string saved;
-};
-
 void check_budget(Context& ctx, const Case& c) {
   INFO(c.describe());
   Inputs in = make_inputs(c);
@@ -255,7 +238,7 @@ TEST_CASE("integer inputs: the INT8 Q·Kᵀ is exact (INT8 and FP16 paths agree 
   Inputs in = make_inputs(c);
   // The cooperative-matrix kernels serve INT8 Q·Kᵀ only (fp16 Q·Kᵀ runs the dot-product kernel, which sums
   // P·V in another order): compare within the dot-product family; the coopmat test checks the INT8 path.
-  ScopedKernels kernels(has_coopmat() ? "fast" : std::getenv("SPARQ_VULKAN_KERNELS"));
+  ScopedEnv kernels("SPARQ_VULKAN_KERNELS", has_coopmat() ? "fast" : std::getenv("SPARQ_VULKAN_KERNELS"));
   c.qk_precision = QKPrecision::Fp16;
   Result fp16 = run_case(*ctx, c, in);
   for (QKGranularity g : {QKGranularity::PerBlock, QKGranularity::PerWarp, QKGranularity::PerThread}) {
@@ -288,11 +271,10 @@ TEST_CASE("the fast (packed dot product) and portable kernels agree bit for bit"
   for (const Case& k : {c, f}) {
     INFO(k.describe());
     Inputs in = make_inputs(k);
-    setenv("SPARQ_VULKAN_KERNELS", "fast", 1);
+    ScopedEnv kernels("SPARQ_VULKAN_KERNELS", "fast");
     Result packed = run_case(*ctx, k, in);
-    setenv("SPARQ_VULKAN_KERNELS", "portable", 1);
+    kernels.set("portable");
     Result plain = run_case(*ctx, k, in);
-    unsetenv("SPARQ_VULKAN_KERNELS");
     CHECK(bitwise_equal(packed.out, plain.out));
     CHECK(bitwise_equal(packed.lse, plain.lse));
   }
@@ -307,7 +289,7 @@ TEST_CASE("cooperative-matrix kernels: parity with the reference emulation, ever
             "subgroups of 32): the cooperative-matrix kernels do not run here");
     return;
   }
-  ScopedKernels kernels("coopmat");
+  ScopedEnv kernels("SPARQ_VULKAN_KERNELS", "coopmat");
   for (int D : {64, 128}) {
     Case c;
     c.B = 2, c.Hq = 4, c.Hkv = 2, c.Nq = 130, c.Nk = 200, c.D = D;
@@ -357,7 +339,7 @@ TEST_CASE("cooperative-matrix kernels: parity with the reference emulation, ever
   Result coop = run_case(*ctx, f, in);
   Result dot;
   {
-    ScopedKernels fast("fast");
+    ScopedEnv fast("SPARQ_VULKAN_KERNELS", "fast");
     dot = run_case(*ctx, f, in);
   }
   Accuracy a = compare(coop.out, dot.out);
@@ -546,21 +528,19 @@ TEST_CASE("Context::create(Backend::Vulkan) with a device index, and a bad index
     CHECK(e.status() == Status::BackendUnavailable);
   }
   // SPARQ_VULKAN_DEVICE picks a device by index or by a (case-insensitive) substring of its name.
-  const char* before = std::getenv("SPARQ_VULKAN_DEVICE");
-  std::string saved = before ? before : "";
   std::string name = ctx->device_name();
-  setenv("SPARQ_VULKAN_DEVICE", name.substr(0, std::min<std::size_t>(name.size(), 4)).c_str(), 1);
-  CHECK(Context::create(Backend::Vulkan).device_name() == name);
-  setenv("SPARQ_VULKAN_DEVICE", "no-such-gpu-anywhere", 1);
-  try {
-    Context::create(Backend::Vulkan);
-    FAIL("SPARQ_VULKAN_DEVICE=no-such-gpu-anywhere matched a device");
-  } catch (const Error& e) {
-    CHECK(e.status() == Status::BackendUnavailable);
-    CHECK(std::string(e.what()).find("no-such-gpu-anywhere") != std::string::npos);
+  {  // the variable is restored before the validation check below
+    ScopedEnv device("SPARQ_VULKAN_DEVICE", name.substr(0, std::min<std::size_t>(name.size(), 4)).c_str());
+    CHECK(Context::create(Backend::Vulkan).device_name() == name);
+    device.set("no-such-gpu-anywhere");
+    try {
+      Context::create(Backend::Vulkan);
+      FAIL("SPARQ_VULKAN_DEVICE=no-such-gpu-anywhere matched a device");
+    } catch (const Error& e) {
+      CHECK(e.status() == Status::BackendUnavailable);
+      CHECK(std::string(e.what()).find("no-such-gpu-anywhere") != std::string::npos);
+    }
   }
-  if (before) setenv("SPARQ_VULKAN_DEVICE", saved.c_str(), 1);
-  else unsetenv("SPARQ_VULKAN_DEVICE");
   check_validation();
 }
 
