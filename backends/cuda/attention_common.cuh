@@ -435,20 +435,25 @@ __device__ __forceinline__ void store_output_rows(const AttentionParams& p, int 
   }
 }
 
-// Host side of one kernel instantiation (configuration Cfg): raises its dynamic shared-memory limit and launches
-// one CTA per Cfg::kBlockQ query rows of each (query head, batch).
+// Lets `kernel` use Cfg::kSmemBytes of dynamic shared memory on the current device: 0, a cudaError_t, or
+// kLaunchNeedsMoreSharedMemory when the device offers less. Per call (cheap): the attribute belongs to the
+// current device.
 template <typename Cfg, typename Kernel>
-int launch_attention_kernel(Kernel kernel, const AttentionParams& params, void* stream) {
+int allow_dynamic_smem(Kernel kernel) {
   int device = 0, smem_limit = 0;
   if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
   if (const cudaError_t e = cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
       e != cudaSuccess)
     return static_cast<int>(e);
   if (Cfg::kSmemBytes > smem_limit) return kLaunchNeedsMoreSharedMemory;
-  // Per call (cheap): the attribute belongs to the current device.
-  const cudaError_t attribute_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (attribute_status != cudaSuccess) return static_cast<int>(attribute_status);
+  return static_cast<int>(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+}
+
+// Host side of one kernel instantiation (configuration Cfg): raises its dynamic shared-memory limit and launches
+// one CTA per Cfg::kBlockQ query rows of each (query head, batch).
+template <typename Cfg, typename Kernel>
+int launch_attention_kernel(Kernel kernel, const AttentionParams& params, void* stream) {
+  if (const int e = allow_dynamic_smem<Cfg>(kernel); e != 0) return e;
   const dim3 grid((params.tokens_q + Cfg::kBlockQ - 1) / Cfg::kBlockQ, params.heads_q, params.batch);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(params);
   return static_cast<int>(cudaGetLastError());

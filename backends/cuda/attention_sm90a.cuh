@@ -533,15 +533,7 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
       encode_byte_tensor_map(v_map, params.v8t, params.vt_stride, D,
                              static_cast<uint64_t>(params.batch) * params.heads_kv, kBlockK, D);
   if (!encoded) return static_cast<int>(cudaErrorInvalidValue);
-  int device = 0, smem_limit = 0;
-  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return static_cast<int>(e);
-  if (const cudaError_t e = cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-      e != cudaSuccess)
-    return static_cast<int>(e);
-  if (Cfg::kSmemBytes > smem_limit) return kLaunchNeedsMoreSharedMemory;
-  if (const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-      e != cudaSuccess)
-    return static_cast<int>(e);
+  if (const int e = allow_dynamic_smem<Cfg>(kernel); e != 0) return e;
   const dim3 grid((params.tokens_q + Cfg::kBlockQ - 1) / Cfg::kBlockQ, params.heads_q, params.batch);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(stream)>>>(params, q_map, k_map, v_map);
   return static_cast<int>(cudaGetLastError());

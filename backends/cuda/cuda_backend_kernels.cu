@@ -54,6 +54,27 @@ __device__ __forceinline__ float row_lanes_max(float m, int lanes) {
   return m;
 }
 
+// The largest |x| of one token row: this thread's 8 channels, then the row's `lanes` threads.
+__device__ __forceinline__ float row_abs_max(const float (&x)[8], int lanes) {
+  float m = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i]));
+  return row_lanes_max(m, lanes);
+}
+
+// 8 channels as INT8 steps of amax / 127 of their group (all 0 for an all-zero group), packed for one 8-byte
+// store.
+__device__ __forceinline__ uint2 quantize_int8x8(const float (&x)[8], float amax) {
+  const float step = amax / 127.0f;
+  uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int8_t q = quantize_int8(x[i], step, amax == 0.0f);
+    packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
+  }
+  return make_uint2(packed[0], packed[1]);
+}
+
 // Eight consecutive channels of one token row as they are stored (loaded before they are needed, so that a
 // thread has all its rows' loads in flight at once), and as floats.
 __device__ __forceinline__ uint4 load_stored_raw8(const InputView& x, int b, int h, int stored, int c) {
@@ -206,16 +227,18 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   if (threadIdx.x < 8) amax_bits[threadIdx.x] = 0u;
   __syncthreads();
 
-  // K: group maxima, then quantize.
+  // K' = K − mean: group maxima, then quantize.
+  auto smoothed = [&](int it, float (&x)[8]) {
+    unpack8<Bf16>(k_raw[it], x);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] -= km[i];
+  };
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     if (!valid(it)) continue;  // the same for every lane of a row
     float x[8];
-    unpack8<Bf16>(k_raw[it], x);
-    float m = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i] - km[i]));
-    m = row_lanes_max(m, kLanes);
+    smoothed(it, x);
+    const float m = row_abs_max(x, kLanes);
     if (lane_c == 0) shared_max(&amax_bits[per_thread ? (it * kRows + lane_r) % 8 : 0], m);
   }
   __syncthreads();
@@ -223,18 +246,10 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   for (int it = 0; it < kIters; ++it) {
     if (!valid(it)) continue;
     const int r = it * kRows + lane_r;
-    const float amax = __uint_as_float(amax_bits[per_thread ? r % 8 : 0]);
-    const float step = amax / 127.0f;
     float x[8];
-    unpack8<Bf16>(k_raw[it], x);
-    uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int8_t q = quantize_int8(x[i] - km[i], step, amax == 0.0f);
-      packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
-    }
+    smoothed(it, x);
     *reinterpret_cast<uint2*>(p.k8 + (static_cast<int64_t>(bh) * p.tokens_k + token0 + r) * D + lane_c * 8) =
-        make_uint2(packed[0], packed[1]);
+        quantize_int8x8(x, __uint_as_float(amax_bits[per_thread ? r % 8 : 0]));
   }
   if (threadIdx.x < (per_thread ? 8 : 1)) {
     const int group = per_thread ? tile * 8 + threadIdx.x : tile;
@@ -315,10 +330,7 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
     if (!valid(it)) continue;  // the same for every lane of a row
     float x[8];
     unpack8<Bf16>(raw[it], x);
-    float m = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(x[i]));
-    m = row_lanes_max(m, kLanes);
+    const float m = row_abs_max(x, kLanes);
     if (lane_c == 0) shared_max(&amax_bits[local_group(it * kRows + lane_r)], m);
   }
   __syncthreads();
@@ -329,19 +341,14 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
     const bool active = valid(it);
     float dot = 0.0f;
     if (active) {
-      const float amax = __uint_as_float(amax_bits[local_group(r)]);
-      const float step = amax / 127.0f;
       float x[8];
       unpack8<Bf16>(raw[it], x);
-      uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int8_t q = quantize_int8(x[i], step, amax == 0.0f);
-        packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
-        if (p.want_q_km) dot += x[i] * km[i];
-      }
       *reinterpret_cast<uint2*>(p.q8 + (static_cast<int64_t>(bh) * p.tokens_q + token) * D + lane_c * 8) =
-          make_uint2(packed[0], packed[1]);
+          quantize_int8x8(x, __uint_as_float(amax_bits[local_group(r)]));
+      if (p.want_q_km) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot += x[i] * km[i];
+      }
     }
     if (p.want_q_km) {
       // lanes of one row are consecutive and aligned to a power of two (kLanes = D/8 <= 32)
