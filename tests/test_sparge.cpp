@@ -1088,19 +1088,27 @@ void check_device_sparge_attention(Context& gpu) {
     CAPTURE(hilbert);
     SpargeOptions opt;
     if (hilbert) opt.hilbert = TokenGrid{1, H - 1, W};  // the first 47 rows; the last 48 tokens stay in place
-    SpargeStats on_device, on_host;
+    SpargeStats on_device, separate, on_host;
     sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_device);
     const auto a = download(gpu, d.out);
+    {  // the device predictor's own passes instead of the attention's preprocessing, where a backend fuses it
+      test::ScopedEnv passes("SPARQ_SPARGE_FUSED_PREDICT", "0");
+      sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &separate);
+    }
+    const auto c = download(gpu, d.out);
     {
       test::ScopedEnv host("SPARQ_SPARGE_PREDICTOR", "host");
       sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_host);
     }
     const auto b = download(gpu, d.out);
     CHECK(on_device.predicted_on_device);
+    CHECK(separate.predicted_on_device);
     CHECK_FALSE(on_host.predicted_on_device);
     CHECK(on_device.blocks_computed == on_host.blocks_computed);
+    CHECK(separate.blocks_computed == on_host.blocks_computed);
     CHECK(on_device.pv_skipped == on_host.pv_skipped);
     CHECK(test::bitwise_equal(a, b));
+    CHECK(test::bitwise_equal(c, b));
     if (hilbert) CHECK(on_device.block_sparsity > 0.3);
     MESSAGE("device sparge_attention, hilbert " << hilbert << ": blocks " << on_device.blocks_computed << "/" << on_device.blocks_valid << " block sparsity " << on_device.block_sparsity
                                                 << ", rel L1 " << rel_l1(a, exact_out(x)));

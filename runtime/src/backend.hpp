@@ -40,6 +40,8 @@ struct Operand {
 
 enum class MaskLayout { None, Bitmap, Lut };
 
+struct SpargePredictProblem;
+
 // The one params struct. Sizes: B batches, Hq query heads, Hkv key/value heads (Hq % Hkv == 0),
 // query head h reads key/value head h / (Hq / Hkv).
 struct AttentionProblem {
@@ -83,6 +85,11 @@ struct AttentionProblem {
   // caller's order, so no permuted copies are made.
   Operand token_order;
   int64_t token_order_size = 0;
+  // SpargeAttn stage 1 fused into this call (set only where fuses_sparge_predict() accepted it): the backend
+  // predicts the block LUT in the passes that quantize q and k (no pass of its own over them) and writes it to
+  // predict->counts / indices, which mask_counts / mask_indices also name (a Lut mask of predict's blocks),
+  // before the attention kernel reads it. The same LUT, bit for bit, as sparge_predict() of the same problem.
+  const SpargePredictProblem* predict = nullptr;
 
   int kv_group() const { return heads_q / heads_kv; }
 };
@@ -161,6 +168,12 @@ class BackendImpl {
   // SpargeAttn on the device. Each returns false when this backend (or this problem size) has no device
   // version; the runtime then does the work on the host.
   virtual bool sparge_predict(const SpargePredictProblem&) { return false; }
+  // Whether attention() can predict `sp`'s LUT in its own preprocessing (AttentionProblem::predict); where
+  // not, the runtime calls sparge_predict() (or the host predictor) first.
+  virtual bool fuses_sparge_predict(const SpargePredictProblem& sp) const {
+    (void)sp;
+    return false;
+  }
   virtual bool permute_tokens(const PermuteProblem&) { return false; }
 
   virtual void synchronize() = 0;

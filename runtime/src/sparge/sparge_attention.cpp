@@ -38,9 +38,10 @@ std::vector<SpargeParams> resolve_params(const std::vector<SpargeParams>& per_he
 void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                            const AttentionOptions& options, const BlockMask* mask,
                            const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats,
-                           const Tensor* token_order) {
+                           const Tensor* token_order, const detail::SpargePredictProblem* predict) {
   detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options, mask, nullptr);
   if (token_order) set_token_order(p, *token_order);
+  p.predict = predict;
   if (!pv_threshold.empty() && !ctx.impl().supports_pv_skip())
     detail::not_supported(ctx.backend(), "the SpargeAttn stage-2 P·V skip (a finite pvthreshd)");
   if (!pv_threshold.empty() && pv_threshold.size() != static_cast<std::size_t>(p.heads_q))
@@ -94,16 +95,25 @@ void permute_host(HostTensor& t, const std::vector<int64_t>& order) {
   }
 }
 
-// Stage 1 on the device when the context's backend has a predictor (the LUT never leaves the device);
-// nullopt otherwise. `p`: the validated problem of q and k. lut receives the geometry and the block counts
-// (the computed count only when `count_computed`, which downloads the counts). `scratch_lut`: the LUT goes to
-// the context's scratch (sparge_attention, which consumes it at once) instead of new tensors (returned masks).
-std::optional<BlockMask> predict_on_device(Context& ctx, const detail::AttentionProblem& p, const SpargeOptions& options,
-                                           const std::vector<SpargeParams>& params, bool count_computed, Lut& lut,
-                                           bool scratch_lut) {
-  if (host_predictor_forced()) return std::nullopt;
-  const Geometry g = geometry(p.tokens_q, p.tokens_k, options);
+// SPARQ_SPARGE_FUSED_PREDICT=0 predicts in the backend's own passes (sparge_predict) even where attention() can
+// predict in its preprocessing (the tests compare both).
+bool fused_predict_disabled() {
+  const char* e = std::getenv("SPARQ_SPARGE_FUSED_PREDICT");
+  return e && std::strcmp(e, "0") == 0;
+}
+
+// Stage 1's device problem for the validated problem `p` of q and k; the LUT goes to `counts` and `indices`:
+// the context's scratch (`scratch_lut`: sparge_attention, which consumes it at once) or new tensors (returned
+// masks).
+struct DevicePrediction {
   detail::SpargePredictProblem sp;
+  Tensor counts, indices;
+};
+DevicePrediction device_prediction(Context& ctx, const detail::AttentionProblem& p, const SpargeOptions& options,
+                                   const std::vector<SpargeParams>& params, bool scratch_lut) {
+  const Geometry g = geometry(p.tokens_q, p.tokens_k, options);
+  DevicePrediction d;
+  detail::SpargePredictProblem& sp = d.sp;
   sp.batch = p.batch, sp.heads_q = p.heads_q, sp.heads_kv = p.heads_kv;
   sp.tokens_q = p.tokens_q, sp.tokens_k = p.tokens_k, sp.head_dim = p.head_dim;
   sp.q = p.q, sp.k = p.k;
@@ -124,24 +134,43 @@ std::optional<BlockMask> predict_on_device(Context& ctx, const detail::Attention
   }
   const std::vector<int64_t> counts_shape = {p.batch, p.heads_q, sp.blocks_q};
   const std::vector<int64_t> indices_shape = {p.batch, p.heads_q, sp.blocks_q, sp.blocks_k};
-  Tensor counts =
-      scratch_lut ? scratch(ctx, Scratch::Counts, DType::I32, counts_shape) : ctx.empty(DType::I32, counts_shape);
-  Tensor indices =
+  d.counts = scratch_lut ? scratch(ctx, Scratch::Counts, DType::I32, counts_shape) : ctx.empty(DType::I32, counts_shape);
+  d.indices =
       scratch_lut ? scratch(ctx, Scratch::Indices, DType::I32, indices_shape) : ctx.empty(DType::I32, indices_shape);
-  sp.counts = contiguous_operand(counts);
-  sp.indices = contiguous_operand(indices);
-  if (p.batch == 0 || p.heads_q == 0 || sp.blocks_q == 0 || sp.blocks_k == 0 || !ctx.impl().sparge_predict(sp))
-    return std::nullopt;
-  lut.batch = p.batch, lut.heads = p.heads_q, lut.nqb = sp.blocks_q, lut.nkb = sp.blocks_k;
-  lut.valid = static_cast<int64_t>(p.batch) * p.heads_q * valid_blocks(g);
+  sp.counts = contiguous_operand(d.counts);
+  sp.indices = contiguous_operand(d.indices);
+  return d;
+}
+
+// A device prediction's geometry in `lut`, and its computed blocks when `count_computed` (which downloads the
+// counts once they are written).
+void describe_device_lut(Context& ctx, const DevicePrediction& d, int64_t valid_per_head, bool count_computed,
+                         Lut& lut) {
+  lut.batch = d.sp.batch, lut.heads = d.sp.heads_q, lut.nqb = d.sp.blocks_q, lut.nkb = d.sp.blocks_k;
+  lut.valid = static_cast<int64_t>(d.sp.batch) * d.sp.heads_q * valid_per_head;
   lut.computed = 0;
   lut.on_device = true;
   if (count_computed) {
-    std::vector<int32_t> c(static_cast<std::size_t>(counts.numel()));
-    ctx.to_host(counts, c.data());
+    std::vector<int32_t> c(static_cast<std::size_t>(d.counts.numel()));
+    ctx.to_host(d.counts, c.data());
     for (int32_t n : c) lut.computed += n;
   }
-  return BlockMask::from_lut(counts, indices, options.block_q, options.block_k);
+}
+
+bool empty_prediction(const DevicePrediction& d) {
+  return d.sp.batch == 0 || d.sp.heads_q == 0 || d.sp.blocks_q == 0 || d.sp.blocks_k == 0;
+}
+
+// Stage 1 on the device when the context's backend has a predictor (the LUT never leaves the device);
+// nullopt otherwise. `p`: the validated problem of q and k.
+std::optional<BlockMask> predict_on_device(Context& ctx, const detail::AttentionProblem& p, const SpargeOptions& options,
+                                           const std::vector<SpargeParams>& params, bool count_computed, Lut& lut,
+                                           bool scratch_lut) {
+  if (host_predictor_forced()) return std::nullopt;
+  DevicePrediction d = device_prediction(ctx, p, options, params, scratch_lut);
+  if (empty_prediction(d) || !ctx.impl().sparge_predict(d.sp)) return std::nullopt;
+  describe_device_lut(ctx, d, valid_blocks(geometry(p.tokens_q, p.tokens_k, options)), count_computed, lut);
+  return BlockMask::from_lut(d.counts, d.indices, options.block_q, options.block_k);
 }
 
 }  // namespace
@@ -230,18 +259,27 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
     sparge::permute_pairs(ctx, {{q, qp}, {k, kp}, {v, vp}}, order->order, &order->order_device, layout);
   }
 
-  // Stage 1 on the host; a layer of dense heads needs no prediction (and no mask).
+  // Stage 1: in the attention's own preprocessing where the backend can (no pass of its own over q and k), else
+  // on the device before it, else on the host. A layer of dense heads needs no prediction (and no mask).
   sparge::Lut lut;
   std::optional<BlockMask> mask;
+  std::optional<sparge::DevicePrediction> in_attention;  // the fused prediction, when there is one
+  const sparge::Geometry geometry = sparge::geometry(p.tokens_q, p.tokens_k, options);
   if (all_dense) {
-    const sparge::Geometry g = sparge::geometry(p.tokens_q, p.tokens_k, options);
-    lut.valid = static_cast<int64_t>(p.batch) * p.heads_q * sparge::valid_blocks(g);
+    lut.valid = static_cast<int64_t>(p.batch) * p.heads_q * sparge::valid_blocks(geometry);
     lut.computed = lut.valid;
   } else {
     detail::AttentionProblem pp = p;
     if (permute && !fused) pp = detail::make_problem(ctx, qp, kp, vp, outp, options.attention, nullptr, nullptr);
     if (fused) sparge::set_token_order(pp, order->order_device);
-    mask = sparge::predict_on_device(ctx, pp, options, params, stats != nullptr, lut, true);
+    if (!sparge::host_predictor_forced() && !sparge::fused_predict_disabled()) {
+      sparge::DevicePrediction d = sparge::device_prediction(ctx, pp, options, params, true);
+      if (!sparge::empty_prediction(d) && ctx.impl().fuses_sparge_predict(d.sp)) {
+        mask = BlockMask::from_lut(d.counts, d.indices, options.block_q, options.block_k);
+        in_attention = std::move(d);
+      }
+    }
+    if (!mask) mask = sparge::predict_on_device(ctx, pp, options, params, stats != nullptr, lut, true);
     if (!mask) {
       sparge::HostTensor hq = sparge::download(ctx, qp, layout);
       sparge::HostTensor hk = sparge::download(ctx, kp, layout);
@@ -257,7 +295,9 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   detail::AttentionProblem::Stats backend_stats;
   sparge::attention_with_stage2(ctx, qp, kp, vp, outp, options.attention, mask ? &*mask : nullptr, lambda,
                                 stats && !lambda.empty() ? &backend_stats : nullptr,
-                                fused ? &order->order_device : nullptr);
+                                fused ? &order->order_device : nullptr, in_attention ? &in_attention->sp : nullptr);
+  if (in_attention)
+    sparge::describe_device_lut(ctx, *in_attention, sparge::valid_blocks(geometry), stats != nullptr, lut);
 
   if (permute && !fused) sparge::permute_pairs(ctx, {{outp, out}}, order->inverse, &order->inverse_device, layout);
   if (stats) {

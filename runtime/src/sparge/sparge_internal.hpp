@@ -142,7 +142,8 @@ void permute_pairs(Context& ctx, const std::vector<std::pair<Tensor, Tensor>>& p
 void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                            const AttentionOptions& options, const BlockMask* mask,
                            const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats,
-                           const Tensor* token_order = nullptr);
+                           const Tensor* token_order = nullptr,
+                           const detail::SpargePredictProblem* predict = nullptr);
 // Sets p.token_order to a contiguous I32 tensor of the context's backend.
 inline void set_token_order(detail::AttentionProblem& p, const Tensor& order) {
   p.token_order.storage = order.storage();
