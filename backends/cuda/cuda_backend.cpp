@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -184,6 +185,7 @@ class CudaBackend final : public BackendImpl {
 
   void attention(const AttentionProblem& p) override;
   bool sparge_predict(const SpargePredictProblem& sp) override;
+  bool fuses_sparge_predict(const SpargePredictProblem& sp) const override;
   bool permute_tokens(const PermuteProblem& pp) override;
 
  private:
@@ -211,6 +213,8 @@ class CudaBackend final : public BackendImpl {
   }
   const cuda::AttentionKernel& choose_kernel(const AttentionProblem& p) const;
   void reserve_workspace(std::size_t bytes);
+  // Device parameters of a stage-1 problem, in the SpargeAttn workspace (the per-head parameters uploaded).
+  cuda::SpargePredictParams prepare_sparge(const SpargePredictProblem& sp);
   // Grow-only device memory of the SpargeAttn kernels (separate from the attention workspace, which a later
   // attention() call may reallocate while the LUT it consumes stays in caller-visible tensors).
   void* reserve_sparge(std::size_t bytes);
@@ -281,11 +285,12 @@ void* CudaBackend::reserve_sparge(std::size_t bytes) {
   return sparge_ws_;
 }
 
-bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
-  if (!cuda::sparge_supported(sp.head_dim, sp.blocks_k, sp.block_q, sp.block_k) || sp.heads_q > 65535 ||
-      sp.batch > 65535)
-    return false;
-  DeviceGuard guard(device_);
+bool CudaBackend::fuses_sparge_predict(const SpargePredictProblem& sp) const {
+  return cuda::sparge_supported(sp.head_dim, sp.blocks_k, sp.block_q, sp.block_k) && sp.heads_q <= 65535 &&
+         sp.batch <= 65535;
+}
+
+cuda::SpargePredictParams CudaBackend::prepare_sparge(const SpargePredictProblem& sp) {
   cuda::SpargePredictParams c;
   auto view = [&sp](const Operand& op) {
     cuda::SpargeView v;
@@ -322,11 +327,43 @@ bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
     head[std::size_t(h) * 4 + 2] = sp.topk[std::size_t(h)];
     head[std::size_t(h) * 4 + 3] = sp.dense[std::size_t(h)] ? 1.0f : 0.0f;
   }
+  // Pageable memory: the copy is staged before cudaMemcpyAsync returns, so `head` may go.
   check(cudaMemcpyAsync(ws + head_at, head.data(), head_bytes, cudaMemcpyHostToDevice, stream_),
         "cudaMemcpyAsync (SpargeAttn head parameters)");
+  return c;
+}
+
+// Stage 1 without attention: the same passes as inside attention() (the K mean, the quantization passes, which
+// here only pool, and the selection), so that there is one implementation of the pooling.
+bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
+  if (!fuses_sparge_predict(sp)) return false;
+  DeviceGuard guard(device_);
+  const cuda::SpargePredictParams c = prepare_sparge(sp);
+  cuda::PreprocessParams pre;
+  auto view = [](const cuda::SpargeView& s) {
+    cuda::InputView v;
+    v.data = s.data;
+    v.stride_b = s.stride_b, v.stride_h = s.stride_h, v.stride_t = s.stride_t;
+    v.aligned16 = aligned16(v.data, v.stride_b, v.stride_h, v.stride_t);
+    v.rows = s.rows;
+    v.rows_size = s.rows_size;
+    return v;
+  };
+  pre.q = view(c.q);
+  pre.k = view(c.k);
+  pre.in_bf16 = c.in_bf16;
+  pre.batch = sp.batch, pre.heads_q = sp.heads_q, pre.heads_kv = sp.heads_kv;
+  pre.tokens_q = sp.tokens_q, pre.tokens_k = sp.tokens_k, pre.head_dim = sp.head_dim;
+  pre.smooth_k = false;  // no K statistics, no quantized writes (q8, k8 null): pooling only
+  pre.fp8_v = false;
+  pre.pool = cuda::sparge_pool_chunks(c);
   if (profiling_) check(cudaEventRecord(events_[0], stream_), "cudaEventRecord");
-  if (const int e = cuda::launch_sparge_predict(c, stream_); e != 0)
-    cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn predictor");
+  if (const int e = cuda::launch_sparge_kmean(c, stream_); e != 0)
+    cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn K mean");
+  if (const int e = cuda::launch_preprocess(pre, stream_); e != 0)
+    cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn pooling passes");
+  if (const int e = cuda::launch_sparge_select(c, stream_); e != 0)
+    cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn selection");
   if (profiling_) {
     check(cudaEventRecord(events_[2], stream_), "cudaEventRecord");
     check(cudaEventSynchronize(events_[2]), "cudaEventSynchronize (the predictor failed)");
@@ -335,7 +372,6 @@ bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
     timing_.total_ms = ms;
     timing_.attention_ms = 0;
   }
-  // The head parameters' host copy must outlive the copy: pageable memcpyAsync has staged it on return.
   return true;
 }
 
@@ -569,7 +605,21 @@ void CudaBackend::attention(const AttentionProblem& p) {
     }
   }
 
+  // Stage 1 fused (AttentionProblem::predict): the K mean before the preprocessing, which pools Q and K as it
+  // quantizes them, and the selection after it writes the LUT that the mask fields name.
+  std::optional<cuda::SpargePredictParams> predict;
+  if (p.predict) {
+    if (!fuses_sparge_predict(*p.predict) || p.mask_layout != MaskLayout::Lut || Nk == 0)
+      fail(Status::Internal, "CUDA backend: a fused SpargeAttn prediction it did not accept");
+    predict = prepare_sparge(*p.predict);
+    pre.pool = cuda::sparge_pool_chunks(*predict);
+  }
+
   if (profiling_) check(cudaEventRecord(events_[0], stream_), "cudaEventRecord");
+  if (predict) {
+    if (const int e = cuda::launch_sparge_kmean(*predict, stream_); e != 0)
+      cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn K mean");
+  }
   if (!v_in_place && Nk > 0 && token_order) {
     cuda::PermuteParams c;  // V rows in token order, contiguous
     c.src.data = v_ptr;
@@ -594,6 +644,10 @@ void CudaBackend::attention(const AttentionProblem& p) {
   if (Nk > 0) {
     if (const int e = cuda::launch_preprocess(pre, stream_); e != 0)
       cuda_fail(static_cast<cudaError_t>(e), "launching the preprocessing kernels");
+  }
+  if (predict) {
+    if (const int e = cuda::launch_sparge_select(*predict, stream_); e != 0)
+      cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn selection");
   }
   if (bitmap) {
     if (const int e = cuda::launch_bitmap_to_lut(reinterpret_cast<const uint8_t*>(operand_pointer(p.mask_bitmap)),

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "attention_kernel.cuh"  // permuted_key, kLog2E, Granularity, tile sizes
+#include "exact_fp32.cuh"
 #include "preprocess.hpp"
 
 namespace sparq::cuda {
@@ -100,6 +101,129 @@ __device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
     out[2 * i] = to_float<Bf16>(static_cast<uint16_t>(w[i] & 0xffffu));
     out[2 * i + 1] = to_float<Bf16>(static_cast<uint16_t>(w[i] >> 16));
   }
+}
+
+// ---- SpargeAttn stage 1, fused into the quantization passes (docs/SPARGE.md) ---------------------------------
+//
+// A pooling pass's thread holds kIters consecutive token rows of the tile, [lane_r·kIters, +kIters), 8 channels
+// each, as loaded. In the exact arithmetic of exact_fp32.cuh it forms v = ftz(x) − km (K) or ftz(x) (Q), per token
+// n² = the tree over channels of v·v (its 8 channels, then a butterfly over the row's lanes), 1/‖v‖, and per
+// channel the trees over its tokens of v and v/‖v‖; the tile's rows then meet per 64-token chunk in shared memory.
+// Each step is an aligned sub-tree of the specification's trees (the predictor combines the chunks per block).
+
+template <int N>
+constexpr int log2_of() {
+  int k = 0;
+  while ((1 << k) < N) ++k;
+  return k;
+}
+
+// Tree sums over tokens [Lo, Lo + N) of this thread (an aligned power-of-two range) of v and v·inv, per channel.
+template <int Lo, int N, typename Values>
+__device__ __forceinline__ void token_trees(const Values& values, float (&sum)[8], float (&unit)[8]) {
+  if constexpr (N == 1) {
+    values(Lo, sum, unit);
+  } else {
+    float s1[8], u1[8];
+    token_trees<Lo, N / 2>(values, sum, unit);
+    token_trees<Lo + N / 2, N / 2>(values, s1, u1);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      sum[i] = exact::fadd(sum[i], s1[i]);
+      unit[i] = exact::fadd(unit[i], u1[i]);
+    }
+  }
+}
+
+// Pools one tile of Tile tokens (a multiple of 64) starting at token0 of a head with `tokens` tokens; `raw` are this
+// thread's rows. `out_*` point at the head's chunk 0. `smem`: 2·kRows·D floats; `chunk_flags`: Tile/64 ints, zeroed
+// before a barrier that precedes the call. Every thread of the CTA calls it (it has barriers).
+template <bool Bf16, int D, int Tile, bool Smooth, int Iters>
+__device__ __forceinline__ void pool_tile(const uint4 (&raw)[Iters], int token0, int tokens, const float (&km)[8],
+                                          float* smem, int* chunk_flags, float* out_sum, float* out_unit,
+                                          int* out_flags) {
+  constexpr int kLanes = D / 8, kRows = kThreads / kLanes;
+  static_assert(Iters * kRows == Tile && kPoolChunk % Iters == 0, "a thread's rows stay inside one chunk");
+  constexpr int kRowsPerChunk = kPoolChunk / Iters, kChunks = Tile / kPoolChunk;
+  const int lane_c = threadIdx.x % kLanes, lane_r = threadIdx.x / kLanes;
+  const int row_lane0 = (threadIdx.x % 32) & ~(kLanes - 1);
+  auto value = [&](int it, float (&v)[8]) {
+    const bool present = token0 + lane_r * Iters + it < tokens;
+    float x[8];
+    unpack8<Bf16>(raw[it], x);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      v[i] = present ? exact::ftz(x[i]) : 0.0f;  // padding rows are +0
+      if (Smooth && present) v[i] = exact::fsub(v[i], km[i]);
+    }
+  };
+  // n² of every row; lane `it` of a row takes 1/‖v‖ of its token it (kIters <= lanes), the others follow.
+  float n2[Iters];
+#pragma unroll
+  for (int it = 0; it < Iters; ++it) {
+    float v[8], sq[8];
+    value(it, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sq[i] = exact::fmul_pool<Bf16>(v[i], v[i]);
+    float t = exact::tree8(sq);
+#pragma unroll
+    for (int off = 1; off < kLanes; off *= 2) t = exact::fadd(t, __shfl_xor_sync(0xffffffffu, t, off));
+    n2[it] = t;
+  }
+  static_assert(Iters <= kLanes, "one lane per token of a thread's rows");
+  float mine = 0.0f;
+#pragma unroll
+  for (int it = 0; it < Iters; ++it)
+    if (it == lane_c) mine = n2[it];
+  float r_inv = 0.0f;  // zero rows, padding and non-finite rows (whose chunk is marked) add no direction
+  if (lane_c < Iters) {
+    int flags = 0;
+    if (isinf(mine) || isnan(mine)) {
+      flags = kPoolNonFinite;
+    } else if (mine > 0.0f) {
+      flags = kPoolNonZero;
+      r_inv = exact::rsqrt_exact(mine);
+    }
+    if (flags) atomicOr(&chunk_flags[lane_r / kRowsPerChunk], flags);
+  }
+  float inv[Iters];
+#pragma unroll
+  for (int it = 0; it < Iters; ++it) inv[it] = __shfl_sync(0xffffffffu, r_inv, row_lane0 + it);
+
+  float sum[8], unit[8];
+  token_trees<0, Iters>(
+      [&](int it, float (&s)[8], float (&u)[8]) {
+        value(it, s);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) u[i] = exact::fmul_pool<Bf16>(s[i], inv[it]);
+      },
+      sum, unit);
+  float* part_s = smem;               // [kRows][D]
+  float* part_u = smem + kRows * D;   // [kRows][D]
+#pragma unroll
+  for (int i = 0; i < 8; i += 4) {
+    *reinterpret_cast<float4*>(part_s + lane_r * D + lane_c * 8 + i) = make_float4(sum[i], sum[i + 1], sum[i + 2], sum[i + 3]);
+    *reinterpret_cast<float4*>(part_u + lane_r * D + lane_c * 8 + i) =
+        make_float4(unit[i], unit[i + 1], unit[i + 2], unit[i + 3]);
+  }
+  __syncthreads();
+  // Per (chunk, sum or unit, channel): the tree over the chunk's kRowsPerChunk thread sub-trees.
+  const int chunk0 = token0 / kPoolChunk, chunks = (tokens + kPoolChunk - 1) / kPoolChunk;
+  for (int task = threadIdx.x; task < kChunks * 2 * D; task += kThreads) {
+    const int c = task % D, which = (task / D) % 2, chunk = task / (2 * D);
+    if (chunk0 + chunk >= chunks) continue;
+    const float* part = (which ? part_u : part_s) + chunk * kRowsPerChunk * D + c;
+    float t[kRowsPerChunk];
+#pragma unroll
+    for (int r = 0; r < kRowsPerChunk; ++r) t[r] = part[r * D];
+#pragma unroll
+    for (int w = 1; w < kRowsPerChunk; w *= 2)
+#pragma unroll
+      for (int r = 0; r < kRowsPerChunk; r += 2 * w) t[r] = exact::fadd(t[r], t[r + w]);
+    (which ? out_unit : out_sum)[static_cast<int64_t>(chunk0 + chunk) * D + c] = t[0];
+  }
+  if (threadIdx.x < kChunks && chunk0 + static_cast<int>(threadIdx.x) < chunks)
+    out_flags[chunk0 + threadIdx.x] = chunk_flags[threadIdx.x];
 }
 
 // Row stride of the transposed e4m3 V tile in shared memory: 4 bytes more than a tile row, so that the byte
@@ -198,33 +322,38 @@ __device__ __forceinline__ void load_floats8(const float* at, float (&out)[8]) {
 }
 
 // The tile's rows are loaded once, all at the start (kIters 16-byte loads in flight per thread, for K and for
-// V), and kept in registers for the group maxima and the quantization.
-template <bool Bf16, int D, bool Gather>
+// V), and kept in registers for the group maxima and the quantization. A thread's K rows are consecutive tokens
+// (the pooling's sub-trees, Pool); its V rows are kRows apart (the transposed stores spread over the banks).
+// Pool: stage 1's pooling of K − km (p.pool); with p.k8 null it only pools.
+template <bool Bf16, int D, bool Gather, bool Pool>
 __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessParams p) {
   extern __shared__ uint8_t vt[];  // the transposed e4m3 V tile [D][kVtRow]
   __shared__ unsigned amax_bits[8];
   constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kBlockK + kRows - 1) / kRows;
+  __shared__ float pool_smem[Pool ? 2 * kRows * D : 1];
+  __shared__ int chunk_flags[1];
   const int bh = blockIdx.y, b = bh / p.heads_kv, h = bh % p.heads_kv;
   const int tile = blockIdx.x, token0 = tile * kBlockK;
   const int lane_c = threadIdx.x % kLanes, lane_r = threadIdx.x / kLanes;
   const bool per_thread = p.granularity == static_cast<int>(Granularity::PerThread);
-  auto valid = [&](int it) {
-    const int r = it * kRows + lane_r;
-    return r < kBlockK && token0 + r < p.tokens_k;
-  };
+  const bool quantize = p.k8 != nullptr;
+  auto k_row = [&](int it) { return lane_r * kIters + it; };
+  auto v_row = [&](int it) { return it * kRows + lane_r; };
+  auto present = [&](int r) { return r < kBlockK && token0 + r < p.tokens_k; };
 
   uint4 k_raw[kIters], v_raw[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it)
-    k_raw[it] = valid(it) ? load_raw8<Gather>(p.k, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
+    k_raw[it] = present(k_row(it)) ? load_raw8<Gather>(p.k, b, h, token0 + k_row(it), lane_c * 8) : make_uint4(0, 0, 0, 0);
   if (p.fp8_v) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it)
-      v_raw[it] = valid(it) ? load_raw8<Gather>(p.v, b, h, token0 + it * kRows + lane_r, lane_c * 8) : make_uint4(0, 0, 0, 0);
+      v_raw[it] = present(v_row(it)) ? load_raw8<Gather>(p.v, b, h, token0 + v_row(it), lane_c * 8) : make_uint4(0, 0, 0, 0);
   }
   float km[8] = {};
   if (p.smooth_k) load_floats8(p.k_mean + static_cast<int64_t>(bh) * D + lane_c * 8, km);
   if (threadIdx.x < 8) amax_bits[threadIdx.x] = 0u;
+  if (Pool && threadIdx.x == 0) chunk_flags[0] = 0;
   __syncthreads();
 
   // K' = K − mean: group maxima, then quantize.
@@ -233,27 +362,36 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
 #pragma unroll
     for (int i = 0; i < 8; ++i) x[i] -= km[i];
   };
+  if (quantize) {
 #pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    if (!valid(it)) continue;  // the same for every lane of a row
-    float x[8];
-    smoothed(it, x);
-    const float m = row_abs_max(x, kLanes);
-    if (lane_c == 0) shared_max(&amax_bits[per_thread ? (it * kRows + lane_r) % 8 : 0], m);
-  }
-  __syncthreads();
+    for (int it = 0; it < kIters; ++it) {
+      if (!present(k_row(it))) continue;  // the same for every lane of a row
+      float x[8];
+      smoothed(it, x);
+      const float m = row_abs_max(x, kLanes);
+      if (lane_c == 0) shared_max(&amax_bits[per_thread ? k_row(it) % 8 : 0], m);
+    }
+    __syncthreads();
 #pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    if (!valid(it)) continue;
-    const int r = it * kRows + lane_r;
-    float x[8];
-    smoothed(it, x);
-    *reinterpret_cast<uint2*>(p.k8 + (static_cast<int64_t>(bh) * p.tokens_k + token0 + r) * D + lane_c * 8) =
-        quantize_int8x8(x, __uint_as_float(amax_bits[per_thread ? r % 8 : 0]));
+    for (int it = 0; it < kIters; ++it) {
+      const int r = k_row(it);
+      if (!present(r)) continue;
+      float x[8];
+      smoothed(it, x);
+      *reinterpret_cast<uint2*>(p.k8 + (static_cast<int64_t>(bh) * p.tokens_k + token0 + r) * D + lane_c * 8) =
+          quantize_int8x8(x, __uint_as_float(amax_bits[per_thread ? r % 8 : 0]));
+    }
+    if (threadIdx.x < (per_thread ? 8 : 1)) {
+      const int group = per_thread ? tile * 8 + threadIdx.x : tile;
+      p.k_scale[static_cast<int64_t>(bh) * p.k_groups + group] = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
+    }
   }
-  if (threadIdx.x < (per_thread ? 8 : 1)) {
-    const int group = per_thread ? tile * 8 + threadIdx.x : tile;
-    p.k_scale[static_cast<int64_t>(bh) * p.k_groups + group] = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
+  if constexpr (Pool) {
+    float pkm[8];
+    load_floats8(p.pool.km + static_cast<int64_t>(bh) * D + lane_c * 8, pkm);
+    const int64_t at = static_cast<int64_t>(bh) * ((p.tokens_k + kPoolChunk - 1) / kPoolChunk);
+    pool_tile<Bf16, D, kBlockK, true>(k_raw, token0, p.tokens_k, pkm, pool_smem, chunk_flags, p.pool.k_sum + at * D,
+                                      p.pool.k_unit + at * D, p.pool.k_flags + at);
   }
 
   // V: e4m3 of v / v_scale, written transposed with keys permuted inside each 32-key chunk.
@@ -262,17 +400,17 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   load_floats8(p.v_scale + static_cast<int64_t>(bh) * D + lane_c * 8, vs);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    const int r = it * kRows + lane_r;
+    const int r = v_row(it);
     if (r >= kBlockK) continue;
     const int within = r % 32, hi = (within % 16) / 8, q4 = (within % 8) / 2;
     const int pos = (r / 32) * 32 + (within / 16) * 16 + q4 * 4 + hi * 2 + within % 2;  // permuted_key⁻¹
-    const bool present = token0 + r < p.tokens_k;
+    const bool in_sequence = token0 + r < p.tokens_k;
     float x[8];
     unpack8<Bf16>(v_raw[it], x);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       uint8_t e = 0;
-      if (present && vs[i] > 0.0f)
+      if (in_sequence && vs[i] > 0.0f)
         e = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[i] / vs[i], __NV_SATFINITE, __NV_E4M3));
       vt[(lane_c * 8 + i) * kVtRow + pos] = e;
     }
@@ -285,20 +423,22 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   }
 }
 
-// As quantize_kv: the tile's rows loaded once, at the start, and kept in registers.
-template <bool Bf16, int D, bool Gather>
+// As quantize_kv: the tile's rows loaded once, at the start, and kept in registers; a thread's rows are
+// consecutive tokens. Pool: stage 1's pooling of Q (p.pool); with p.q8 null it only pools.
+template <bool Bf16, int D, bool Gather, bool Pool>
 __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessParams p) {
   __shared__ unsigned amax_bits[64];
   constexpr int kTile = kBlockQ;
   constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kTile + kRows - 1) / kRows;
+  __shared__ float pool_smem[Pool ? 2 * kRows * D : 1];
+  __shared__ int chunk_flags[kTile / kPoolChunk];
   const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
   const int kv_bh = b * p.heads_kv + h / (p.heads_q / p.heads_kv);
   const int tile = blockIdx.x, token0 = tile * kTile;
   const int lane_c = threadIdx.x % kLanes, lane_r = threadIdx.x / kLanes;
-  auto valid = [&](int it) {
-    const int r = it * kRows + lane_r;
-    return r < kTile && token0 + r < p.tokens_q;
-  };
+  const bool quantize = p.q8 != nullptr;
+  auto row = [&](int it) { return lane_r * kIters + it; };
+  auto valid = [&](int it) { return row(it) < kTile && token0 + row(it) < p.tokens_q; };
   auto local_group = [&](int r) {
     if (p.granularity == static_cast<int>(Granularity::PerBlock)) return 0;
     if (p.granularity == static_cast<int>(Granularity::PerWarp)) return r / 16;
@@ -316,58 +456,67 @@ __global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessPa
   uint4 raw[kIters];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
-    const int r = it * kRows + lane_r;
+    const int r = row(it);
     raw[it] = valid(it) ? load_stored_raw8(p.q, b, h, Gather ? stored_rows[r] : token0 + r, lane_c * 8)
                         : make_uint4(0, 0, 0, 0);
   }
   float km[8] = {};
   if (p.want_q_km) load_floats8(p.k_mean + static_cast<int64_t>(kv_bh) * D + lane_c * 8, km);
   if (threadIdx.x < 64) amax_bits[threadIdx.x] = 0u;
+  if (Pool && threadIdx.x < kTile / kPoolChunk) chunk_flags[threadIdx.x] = 0;
   __syncthreads();
 
+  if (quantize) {
 #pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    if (!valid(it)) continue;  // the same for every lane of a row
-    float x[8];
-    unpack8<Bf16>(raw[it], x);
-    const float m = row_abs_max(x, kLanes);
-    if (lane_c == 0) shared_max(&amax_bits[local_group(it * kRows + lane_r)], m);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int r = it * kRows + lane_r;
-    const int token = token0 + r;
-    const bool active = valid(it);
-    float dot = 0.0f;
-    if (active) {
+    for (int it = 0; it < kIters; ++it) {
+      if (!valid(it)) continue;  // the same for every lane of a row
       float x[8];
       unpack8<Bf16>(raw[it], x);
-      *reinterpret_cast<uint2*>(p.q8 + (static_cast<int64_t>(bh) * p.tokens_q + token) * D + lane_c * 8) =
-          quantize_int8x8(x, __uint_as_float(amax_bits[local_group(r)]));
-      if (p.want_q_km) {
+      const float m = row_abs_max(x, kLanes);
+      if (lane_c == 0) shared_max(&amax_bits[local_group(row(it))], m);
+    }
+    __syncthreads();
 #pragma unroll
-        for (int i = 0; i < 8; ++i) dot += x[i] * km[i];
+    for (int it = 0; it < kIters; ++it) {
+      const int r = row(it);
+      const int token = token0 + r;
+      const bool active = valid(it);
+      float dot = 0.0f;
+      if (active) {
+        float x[8];
+        unpack8<Bf16>(raw[it], x);
+        *reinterpret_cast<uint2*>(p.q8 + (static_cast<int64_t>(bh) * p.tokens_q + token) * D + lane_c * 8) =
+            quantize_int8x8(x, __uint_as_float(amax_bits[local_group(r)]));
+        if (p.want_q_km) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) dot += x[i] * km[i];
+        }
+      }
+      if (p.want_q_km) {
+        // lanes of one row are consecutive and aligned to a power of two (kLanes = D/8 <= 32)
+        for (int off = 1; off < kLanes; off *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        if (active && lane_c == 0) p.q_km[static_cast<int64_t>(bh) * p.tokens_q + token] = p.scale * dot;
       }
     }
-    if (p.want_q_km) {
-      // lanes of one row are consecutive and aligned to a power of two (kLanes = D/8 <= 32)
-      for (int off = 1; off < kLanes; off *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      if (active && lane_c == 0) p.q_km[static_cast<int64_t>(bh) * p.tokens_q + token] = p.scale * dot;
+    const int groups_here = p.granularity == static_cast<int>(Granularity::PerBlock) ? 1
+                            : p.granularity == static_cast<int>(Granularity::PerWarp) ? 8 : 64;
+    if (threadIdx.x < groups_here) {
+      const int group = tile * groups_here + threadIdx.x;
+      if (group < p.q_groups) {
+        const float step = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
+        p.q_scale[static_cast<int64_t>(bh) * p.q_groups + group] = step * p.scale * kLog2E;
+      }
     }
   }
-  const int groups_here = p.granularity == static_cast<int>(Granularity::PerBlock) ? 1
-                          : p.granularity == static_cast<int>(Granularity::PerWarp) ? 8 : 64;
-  if (threadIdx.x < groups_here) {
-    const int group = tile * groups_here + threadIdx.x;
-    if (group < p.q_groups) {
-      const float step = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
-      p.q_scale[static_cast<int64_t>(bh) * p.q_groups + group] = step * p.scale * kLog2E;
-    }
+  if constexpr (Pool) {
+    const float no_mean[8] = {};
+    const int64_t at = static_cast<int64_t>(bh) * ((p.tokens_q + kPoolChunk - 1) / kPoolChunk);
+    pool_tile<Bf16, D, kTile, false>(raw, token0, p.tokens_q, no_mean, pool_smem, chunk_flags, p.pool.q_sum + at * D,
+                                     p.pool.q_unit + at * D, p.pool.q_flags + at);
   }
 }
 
-template <bool Bf16, int D, bool Gather>
+template <bool Bf16, int D, bool Gather, bool Pool>
 cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   constexpr int rows = kThreads / (D / 8);
   if (p.smooth_k || p.fp8_v) {
@@ -380,24 +529,26 @@ cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   {
     const dim3 grid((p.tokens_k + kBlockK - 1) / kBlockK, p.batch * p.heads_kv);
     const size_t smem = p.fp8_v ? D * kVtRow : 0;
-    quantize_kv_kernel<Bf16, D, Gather><<<grid, kThreads, smem, stream>>>(p);
+    quantize_kv_kernel<Bf16, D, Gather, Pool><<<grid, kThreads, smem, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   {
     const dim3 grid((p.tokens_q + kBlockQ - 1) / kBlockQ, p.batch * p.heads_q);
-    quantize_q_kernel<Bf16, D, Gather><<<grid, kThreads, 0, stream>>>(p);
+    quantize_q_kernel<Bf16, D, Gather, Pool><<<grid, kThreads, 0, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
 
+// Stage 1's pooling (p.pool.km set) is built for the predictor's head dims 64, 128 and 256.
 template <bool Bf16, bool Gather>
 cudaError_t launch_for_dim(const PreprocessParams& p, cudaStream_t stream) {
+  const bool pool = p.pool.km != nullptr;
   switch (p.head_dim) {
-    case 32: return launch_all<Bf16, 32, Gather>(p, stream);
-    case 64: return launch_all<Bf16, 64, Gather>(p, stream);
-    case 128: return launch_all<Bf16, 128, Gather>(p, stream);
-    case 256: return launch_all<Bf16, 256, Gather>(p, stream);
+    case 32: return pool ? cudaErrorInvalidValue : launch_all<Bf16, 32, Gather, false>(p, stream);
+    case 64: return pool ? launch_all<Bf16, 64, Gather, true>(p, stream) : launch_all<Bf16, 64, Gather, false>(p, stream);
+    case 128: return pool ? launch_all<Bf16, 128, Gather, true>(p, stream) : launch_all<Bf16, 128, Gather, false>(p, stream);
+    case 256: return pool ? launch_all<Bf16, 256, Gather, true>(p, stream) : launch_all<Bf16, 256, Gather, false>(p, stream);
     default: return cudaErrorInvalidValue;  // the runtime only builds power-of-two head dims 32..256
   }
 }

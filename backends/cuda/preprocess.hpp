@@ -17,6 +17,19 @@ struct InputView {
   int rows_size = 0;
 };
 
+// SpargeAttn stage 1 fused into the quantization passes (docs/SPARGE.md): per chunk of 64 tokens, the exact tree
+// sums (exact_fp32.cuh) that the predictor combines into block means and self-similarities (launch_sparge_select
+// in sparge_predictor.cu). A chunk is an aligned sub-tree of every block's tree: blocks are multiples of 64.
+constexpr int kPoolChunk = 64;
+enum PoolChunkFlag { kPoolNonFinite = 1, kPoolNonZero = 2 };  // a row with a non-finite n², a row with n² > 0
+struct SpargePoolChunks {
+  const float* km = nullptr;                  // [B·Hkv, D]: the prediction's K mean (K is pooled as K − km)
+  float *k_sum = nullptr, *k_unit = nullptr;  // [B·Hkv, K chunks, D]: tree sums of v and of v / ‖v‖ over a chunk
+  int* k_flags = nullptr;                     // [B·Hkv, K chunks]: PoolChunkFlag bits
+  float *q_sum = nullptr, *q_unit = nullptr;  // [B·Hq, Q chunks, D]
+  int* q_flags = nullptr;                     // [B·Hq, Q chunks]
+};
+
 struct PreprocessParams {
   InputView q, k, v;
   bool in_bf16 = false;
@@ -43,6 +56,9 @@ struct PreprocessParams {
   float* partial_vmax = nullptr;
   int splits = 1;
   float* k_mean = nullptr;  // [B·Hkv, D]: the K channel means (smoothing)
+  // Stage 1's pooling, when pool.km is set (head dims 64, 128, 256). With q8 / k8 null (a prediction without
+  // attention) the passes pool only: no quantized writes.
+  SpargePoolChunks pool;
 };
 
 // Scale groups per head (docs/NUMERICS.md).

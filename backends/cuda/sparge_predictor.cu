@@ -1,70 +1,36 @@
-// CUDA SpargeAttn stage 1 (docs/SPARGE.md) in the exact fp32 arithmetic of runtime/src/sparge/predictor_fp32.hpp:
-// every add/sub/mul rounds to nearest, is never contracted, and its result is flushed to a signed zero when
-// subnormal; no division or library sqrt/exp; tree sums over power-of-two slots. Kernels:
-//   pool     per (block, head, batch): raw K block sums, or block means and self-similarities of Q / smoothed K;
-//   kmean    per (batch, kv head, channel): the prediction's K mean;
-//   select   per 4 query blocks of a (query head, batch): logits, masses, rank by counting, τ / top-k, LUT rows;
-//   permute  per (16-byte piece or element of a row, head, batch): the Hilbert permutation.
+// CUDA SpargeAttn stage 1 (docs/SPARGE.md) in the exact fp32 arithmetic of runtime/src/sparge/predictor_fp32.hpp
+// (exact_fp32.cuh): every add/sub/mul rounds to nearest, is never contracted, and its result is flushed to a
+// signed zero when subnormal; no division or library sqrt/exp; tree sums over power-of-two slots. Kernels:
+//   raw_k_sums  per (key block, kv head, batch): raw K block sums;
+//   kmean       per (batch, kv head, channel): the prediction's K mean;
+//   (the quantization passes of cuda_backend_kernels.cu then pool Q and K − mean per 64-token chunk)
+//   block_pool  per (block, head, batch): block means and self-similarities of Q and smoothed K from the chunks;
+//   select      per 4 query blocks of a (query head, batch): logits, masses, rank by counting, τ / top-k, LUT rows;
+//   permute     per (16-byte piece or element of a row, head, batch): the Hilbert permutation.
 // Channel sums: a lane's balanced sub-tree of consecutive channels, then a butterfly over lanes; token sums: a
-// thread's sub-tree of 8 consecutive tokens, then 8-token groups through shared memory, then 64-token chunks
-// through a counter in registers. Each is the tree of the specification because aligned sub-trees stay together.
+// thread's sub-tree of consecutive tokens, then the threads' sub-trees through shared memory, then 64-token
+// chunks through a counter in registers. Each is the tree of the specification because aligned sub-trees stay
+// together.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
+#include "exact_fp32.cuh"
 #include "sparge_predictor.hpp"
 
 namespace sparq::cuda {
 namespace {
 
+using namespace exact;
+
 constexpr int kChunk = 64;           // tokens per pool step
 constexpr int kChunkLevels = 10;     // chunk counter levels: blocks up to 1023 chunks
 constexpr int kSelectThreads = 256;
-
-// ---- exact fp32 ------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float ftz(float x) {
-  const unsigned u = __float_as_uint(x);
-  return (u & 0x7F800000u) == 0u ? __uint_as_float(u & 0x80000000u) : x;
-}
-// add/sub with .ftz: inputs are never subnormal here (every value is flushed), and a sum or difference of two
-// normal floats that is below 2^-126 is exact, so flushing the result in hardware equals ftz(round(a ± b)).
-// (mul keeps the explicit ftz: a product can round up to the smallest normal, where hardware and ftz() could
-// disagree.)
-__device__ __forceinline__ float fadd(float a, float b) {
-  float r;
-  asm("add.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float fsub(float a, float b) {
-  float r;
-  asm("sub.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float fmul(float a, float b) { return ftz(__fmul_rn(a, b)); }
-// The products of the pooling loop, v·v and v·(1/‖row‖), where the flush never applies to fp16 inputs, so one
-// FMUL is the exact operation: fp16 values are multiples of 2^-24, so are their tree sums, so a K mean is 0 or
-// at least 2^-24/2^31 = 2^-55; a difference k − mean is then 0, or at least the fp32 spacing near k (>= 2^-48),
-// or |mean| (k = 0); so every nonzero v has |v| >= 2^-55, v·v >= 2^-110, and v/‖row‖ >= 2^-55/2^21 (‖row‖ of
-// fp16 values <= 2^21) — all normal. bf16 reaches 2^-133, so it keeps the flush.
-template <bool Bf16>
-__device__ __forceinline__ float fmul_pool(float a, float b) {
-  if constexpr (Bf16) return fmul(a, b);
-  else return __fmul_rn(a, b);
-}
-
-__device__ __forceinline__ float rsqrt_exact(float x) {
-  float y = __uint_as_float(0x5f3759dfu - (__float_as_uint(x) >> 1));
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    const float t = fmul(fmul(x, y), y);
-    y = fmul(y, fsub(1.5f, fmul(0.5f, t)));
-  }
-  return y;
-}
+static_assert(kChunk == kPoolChunk, "the quantization passes pool chunks of the predictor's step");
 
 __device__ __forceinline__ float exp2_neg(float x) {
   if (!(x >= -126.0f)) return 0.0f;
@@ -84,25 +50,6 @@ __device__ __forceinline__ float load16(const uint16_t* p) {
   const uint16_t bits = *p;
   if constexpr (Bf16) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
   else return __half2float(__ushort_as_half(bits));
-}
-
-// TreeSum over D channels held by a warp: lane l owns channels [l·cpl, (l+1)·cpl) in v[0..cpl) (cpl = D/32, a
-// power of two); the balanced sub-tree of each lane, then the butterfly (all lanes end with the total).
-template <int Cpl>
-__device__ __forceinline__ float warp_tree(float (&v)[Cpl]) {
-#pragma unroll
-  for (int w = 1; w < Cpl; w *= 2)
-#pragma unroll
-    for (int i = 0; i < Cpl; i += 2 * w) v[i] = fadd(v[i], v[i + w]);
-  float s = v[0];
-#pragma unroll
-  for (int off = 1; off < 32; off *= 2) s = fadd(s, __shfl_xor_sync(0xffffffffu, s, off));
-  return s;
-}
-
-// A balanced tree over the 8 values of v (the sub-tree of 8 aligned leaves).
-__device__ __forceinline__ float tree8(const float (&v)[8]) {
-  return fadd(fadd(fadd(v[0], v[1]), fadd(v[2], v[3])), fadd(fadd(v[4], v[5]), fadd(v[6], v[7])));
 }
 
 // Chunk-level tree counter of one channel: chunk totals (64-token sub-trees) pushed in order; after a power of
@@ -137,50 +84,31 @@ struct ChunkCounter {
 struct PoolArgs {
   SpargePredictParams p;
   float *ksum, *km, *kmean, *ksim, *qmean, *qsim;
-  int which;  // 0: raw K sums, 1: smoothed K, 2: Q
+  SpargePoolChunks chunks;
 };
 
-// One block of tokens per CTA of D = 8·G threads: thread (tg, cg) holds, per chunk of 64 token slots, the 8 tokens
-// [8·tg, 8·tg + 8) x the 8 channels [8·cg, 8·cg + 8) in registers (one 16-byte load per token when aligned).
-// Token norms: a sub-tree over its 8 channels, then a butterfly over the G threads of the row group; sums over
-// tokens: a sub-tree over its 8 tokens, then the 8 token groups combined per channel through shared memory, and
-// the chunks through a ChunkCounter. Missing token slots (past the sequence, or padding to a power of two) are +0.
-// 4 CTAs of 128 threads per SM at D128 (128 registers, no spill): at 168 registers only 3 fit, too few loads in
-// flight. (A raw-sum-only instantiation with fewer registers spilled its chunk counters.)
+// The raw K block sums (the K mean's first level), one block of tokens per CTA of D = 8·G threads: thread (tg, cg)
+// holds, per chunk of 64 token slots, the 8 tokens [8·tg, 8·tg + 8) x the 8 channels [8·cg, 8·cg + 8) in registers
+// (one 16-byte load per token when aligned). Sums over tokens: a sub-tree over its 8 tokens, then the 8 token
+// groups combined per channel through shared memory, and the chunks through a ChunkCounter. Missing token slots
+// (past the sequence, or padding to a power of two) are +0.
 template <bool Bf16, int G, bool Gather>
-__global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolArgs a) {
+__global__ void __launch_bounds__(8 * G, 384 / (8 * G)) raw_k_sums_kernel(const PoolArgs a) {
   constexpr int D = 8 * G;
   __shared__ float part_s[8][D];  // per token group: 8-token sub-tree of every channel
-  __shared__ float part_u[8][D];
-  __shared__ float usq[D];
-  __shared__ int all_finite, nonzero;
   const SpargePredictParams& p = a.p;
-  const int tid = threadIdx.x, tg = tid / G, cg = tid % G, lane = tid % 32;
-  const int group_lane0 = lane & ~(G - 1);  // the row group's first lane in the warp (G <= 32)
+  const int tid = threadIdx.x, tg = tid / G, cg = tid % G;
   const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const bool is_q = a.which == 2, raw = a.which == 0, smoothed = a.which == 1;
-  const int N = is_q ? p.tokens_q : p.tokens_k;
-  const int block = is_q ? p.block_q : p.block_k;
-  const int nblocks = is_q ? p.blocks_q : p.blocks_k;
-  const int H = is_q ? p.heads_q : p.heads_kv;
-  const SpargeView& x = is_q ? p.q : p.k;
+  const SpargeView& x = p.k;
   const uint16_t* base = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h;
   const bool vec = reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && x.stride_t % 8 == 0;
-  const int t0 = blk * block, t1 = min(N, t0 + block);
+  const int t0 = blk * p.block_k, t1 = min(p.tokens_k, t0 + p.block_k);
   int slots = kChunk;  // token slots of the block's tree: the next power of two >= block
-  while (slots < block) slots *= 2;
-  float km[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) km[i] = smoothed ? a.km[(static_cast<int64_t>(b) * p.heads_kv + h) * D + cg * 8 + i] : 0.0f;
-  if (tid == 0) {
-    all_finite = 1;
-    nonzero = 0;
-  }
-  ChunkCounter sum, unit;
+  while (slots < p.block_k) slots *= 2;
+  ChunkCounter sum;
   for (int c0 = t0; c0 < t0 + slots; c0 += kChunk) {
     if (c0 >= t1) {  // a chunk of padding: its sub-trees are +0
       sum.push(0.0f);
-      unit.push(0.0f);
       continue;
     }
     float v[8][8];  // [token][channel]
@@ -214,40 +142,6 @@ __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolAr
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[r][i] = t < t1 ? ftz(load16<Bf16>(row + i)) : 0.0f;
       }
-      if (smoothed && t < t1) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[r][i] = fsub(v[r][i], km[i]);
-      }
-    }
-    float inv[8];
-    if (!raw) {
-      float n2[8];
-#pragma unroll
-      for (int r = 0; r < 8; ++r) {
-        float sq[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sq[i] = fmul_pool<Bf16>(v[r][i], v[r][i]);
-        float s = tree8(sq);
-#pragma unroll
-        for (int off = 1; off < G; off *= 2) s = fadd(s, __shfl_xor_sync(0xffffffffu, s, off));
-        n2[r] = s;
-      }
-      // thread cg < 8 of the row group takes token cg; the others follow through shuffles
-      float mine = 0.0f;
-#pragma unroll
-      for (int r = 0; r < 8; ++r)
-        if (r == cg) mine = n2[r];
-      float r_inv = 0.0f;  // zero rows, padding and non-finite rows (whose block is marked) add no direction
-      if (cg < 8) {
-        if (isinf(mine) || isnan(mine)) {
-          all_finite = 0;
-        } else if (mine > 0.0f) {
-          atomicAdd(&nonzero, 1);
-          r_inv = rsqrt_exact(mine);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 8; ++r) inv[r] = __shfl_sync(0xffffffffu, r_inv, group_lane0 + r);
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -255,11 +149,6 @@ __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolAr
 #pragma unroll
       for (int r = 0; r < 8; ++r) col[r] = v[r][i];
       part_s[tg][cg * 8 + i] = tree8(col);
-      if (!raw) {
-#pragma unroll
-        for (int r = 0; r < 8; ++r) col[r] = fmul_pool<Bf16>(v[r][i], inv[r]);
-        part_u[tg][cg * 8 + i] = tree8(col);
-      }
     }
     __syncthreads();
     {
@@ -268,28 +157,48 @@ __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolAr
 #pragma unroll
       for (int r = 0; r < 8; ++r) col[r] = part_s[r][c];
       sum.push(tree8(col));
-      if (!raw) {
-#pragma unroll
-        for (int r = 0; r < 8; ++r) col[r] = part_u[r][c];
-        unit.push(tree8(col));
-      }
     }
     __syncthreads();
   }
-  const int c = tid;
-  const int64_t out = (static_cast<int64_t>(b) * H + h) * nblocks + blk;
-  const int chunk_slots = slots / kChunk;
-  const float s = sum.total(chunk_slots);
-  if (raw) {
-    a.ksum[out * D + c] = s;
-    return;
+  const int64_t out = (static_cast<int64_t>(b) * p.heads_kv + h) * p.blocks_k + blk;
+  a.ksum[out * D + tid] = sum.total(slots / kChunk);
+}
+
+// Block means and self-similarities of Q (IsQ) or smoothed K blocks from the 64-token chunk sums that the
+// quantization passes pooled (SpargePoolChunks): per channel, the block's tree over its chunk slots (a chunk past
+// the sequence or the block's padding is +0), then the similarity's tree over channels. One block per CTA of D
+// threads.
+template <bool IsQ, int D>
+__global__ void __launch_bounds__(D) block_pool_kernel(const PoolArgs a) {
+  __shared__ float usq[D];
+  const SpargePredictParams& p = a.p;
+  const int c = threadIdx.x, lane = c % 32;
+  const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int N = IsQ ? p.tokens_q : p.tokens_k, block = IsQ ? p.block_q : p.block_k;
+  const int nblocks = IsQ ? p.blocks_q : p.blocks_k, H = IsQ ? p.heads_q : p.heads_kv;
+  const int chunks = (N + kPoolChunk - 1) / kPoolChunk, per_block = block / kPoolChunk;
+  const int64_t head = static_cast<int64_t>(b) * H + h;
+  const float* sums = (IsQ ? a.chunks.q_sum : a.chunks.k_sum) + head * chunks * D + c;
+  const float* units = (IsQ ? a.chunks.q_unit : a.chunks.k_unit) + head * chunks * D + c;
+  const int* flags = (IsQ ? a.chunks.q_flags : a.chunks.k_flags) + head * chunks;
+  int slots = kChunk;  // token slots of the block's tree: the next power of two >= block
+  while (slots < block) slots *= 2;
+  ChunkCounter sum, unit;
+  int any = 0;
+  for (int j = 0; j < slots / kChunk; ++j) {
+    const int chunk = blk * per_block + j;
+    const bool real = j < per_block && chunk < chunks;
+    sum.push(real ? sums[static_cast<int64_t>(chunk) * D] : 0.0f);
+    unit.push(real ? units[static_cast<int64_t>(chunk) * D] : 0.0f);
+    if (real) any |= flags[chunk];
   }
-  const float inv_m = blk + 1 == nblocks ? (is_q ? p.inv_tail_q : p.inv_tail_k) : (is_q ? p.inv_block_q : p.inv_block_k);
-  (is_q ? a.qmean : a.kmean)[out * D + c] = fmul(s, inv_m);
-  const float u = unit.total(chunk_slots);
+  const int64_t out = head * nblocks + blk;
+  const float inv_m = blk + 1 == nblocks ? (IsQ ? p.inv_tail_q : p.inv_tail_k) : (IsQ ? p.inv_block_q : p.inv_block_k);
+  (IsQ ? a.qmean : a.kmean)[out * D + c] = fmul(sum.total(slots / kChunk), inv_m);
+  const float u = unit.total(slots / kChunk);
   usq[c] = fmul(u, u);
   __syncthreads();
-  if (tid < 32) {
+  if (c < 32) {
     constexpr int Cpl = D / 32;
     float w[Cpl];
 #pragma unroll
@@ -297,10 +206,10 @@ __global__ void __launch_bounds__(8 * G, 384 / (8 * G)) pool_kernel(const PoolAr
     const float u2 = warp_tree<Cpl>(w);
     if (lane == 0) {
       float sim;
-      if (!all_finite) sim = -1.0f;
-      else if (nonzero == 0) sim = 1.0f;  // identical (zero) tokens: the mean is exact
+      if (any & kPoolNonFinite) sim = -1.0f;
+      else if (!(any & kPoolNonZero)) sim = 1.0f;  // identical (zero) tokens: the mean is exact
       else sim = fmul(fmul(u2, inv_m), inv_m);
-      (is_q ? a.qsim : a.ksim)[out] = sim;
+      (IsQ ? a.qsim : a.ksim)[out] = sim;
     }
   }
 }
@@ -527,53 +436,79 @@ __global__ void __launch_bounds__(256) permute_kernel(const PermuteParams p) {
 
 struct Workspace {
   float *ksum, *km, *kmean, *ksim, *qmean, *qsim;
+  SpargePoolChunks chunks;
 };
 
 std::size_t carve(const SpargePredictParams& p, Workspace* w) {
   const std::size_t kv = std::size_t(p.batch) * p.heads_kv, q = std::size_t(p.batch) * p.heads_q;
   const std::size_t D = std::size_t(p.head_dim);
-  const std::size_t sizes[6] = {kv * p.blocks_k * D, kv * D, kv * p.blocks_k * D, kv * p.blocks_k, q * p.blocks_q * D,
-                                q * p.blocks_q};
-  float** parts[6] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  if (w) {
-    parts[0] = &w->ksum, parts[1] = &w->km, parts[2] = &w->kmean, parts[3] = &w->ksim, parts[4] = &w->qmean;
-    parts[5] = &w->qsim;
-  }
+  const std::size_t k_chunks = kv * ((p.tokens_k + kPoolChunk - 1) / kPoolChunk);
+  const std::size_t q_chunks = q * ((p.tokens_q + kPoolChunk - 1) / kPoolChunk);
   std::size_t at = 0;
-  for (int i = 0; i < 6; ++i) {
-    if (w) *parts[i] = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + at);
-    at += (sizes[i] * sizeof(float) + 255) / 256 * 256;
-  }
+  auto take = [&](auto*& part, std::size_t elems) {
+    using T = std::remove_reference_t<decltype(*part)>;
+    if (w) part = reinterpret_cast<T*>(static_cast<char*>(p.workspace) + at);
+    at += (elems * sizeof(T) + 255) / 256 * 256;
+  };
+  Workspace unused{};
+  Workspace& x = w ? *w : unused;
+  float* km = nullptr;
+  take(x.ksum, kv * p.blocks_k * D);
+  take(km, kv * D);
+  take(x.kmean, kv * p.blocks_k * D);
+  take(x.ksim, kv * p.blocks_k);
+  take(x.qmean, q * p.blocks_q * D);
+  take(x.qsim, q * p.blocks_q);
+  take(x.chunks.k_sum, k_chunks * D);
+  take(x.chunks.k_unit, k_chunks * D);
+  take(x.chunks.k_flags, k_chunks);
+  take(x.chunks.q_sum, q_chunks * D);
+  take(x.chunks.q_unit, q_chunks * D);
+  take(x.chunks.q_flags, q_chunks);
+  x.km = km;
+  x.chunks.km = km;
   return at;
 }
 
-// Gather: q and k are read through a fused token order (a separate instantiation: the dependent index load
-// costs the plain kernel nothing).
+PoolArgs pool_args(const SpargePredictParams& p) {
+  PoolArgs a{};
+  a.p = p;
+  Workspace w{};
+  carve(p, &w);
+  a.ksum = w.ksum, a.km = w.km, a.kmean = w.kmean, a.ksim = w.ksim, a.qmean = w.qmean, a.qsim = w.qsim;
+  a.chunks = w.chunks;
+  return a;
+}
+
+// Gather: k is read through a fused token order (a separate instantiation: the dependent index load costs the
+// plain kernel nothing).
 template <bool Bf16, int G, bool Gather>
-cudaError_t launch_typed(const PoolArgs& base, cudaStream_t stream) {
-  const SpargePredictParams& p = base.p;
+cudaError_t launch_kmean_typed(const PoolArgs& a, cudaStream_t stream) {
+  const SpargePredictParams& p = a.p;
   constexpr int D = 8 * G;
-  PoolArgs a = base;
-  a.which = 0;
-  pool_kernel<Bf16, G, Gather><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
+  raw_k_sums_kernel<Bf16, G, Gather><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
   const int64_t channels = int64_t(p.batch) * p.heads_kv * D;
   kmean_kernel<<<static_cast<unsigned>((channels + 127) / 128), 128, 0, stream>>>(a);
-  a.which = 1;
-  pool_kernel<Bf16, G, Gather><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
-  a.which = 2;
-  pool_kernel<Bf16, G, Gather><<<dim3(p.blocks_q, p.heads_q, p.batch), D, 0, stream>>>(a);
-  select_kernel<D / 32><<<dim3((p.blocks_q + kSelectRows - 1) / kSelectRows, p.heads_q, p.batch), kSelectThreads, 0,
-                           stream>>>(a);
   return cudaGetLastError();
 }
 
 template <bool Bf16, bool Gather>
-cudaError_t launch_dim(const PoolArgs& a, cudaStream_t stream) {
+cudaError_t launch_kmean_dim(const PoolArgs& a, cudaStream_t stream) {
   switch (a.p.head_dim) {
-    case 64: return launch_typed<Bf16, 8, Gather>(a, stream);
-    case 128: return launch_typed<Bf16, 16, Gather>(a, stream);
-    default: return launch_typed<Bf16, 32, Gather>(a, stream);
+    case 64: return launch_kmean_typed<Bf16, 8, Gather>(a, stream);
+    case 128: return launch_kmean_typed<Bf16, 16, Gather>(a, stream);
+    default: return launch_kmean_typed<Bf16, 32, Gather>(a, stream);
   }
+}
+
+template <int D>
+cudaError_t launch_select_typed(const PoolArgs& a, cudaStream_t stream) {
+  const SpargePredictParams& p = a.p;
+  block_pool_kernel<false, D><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
+  block_pool_kernel<true, D><<<dim3(p.blocks_q, p.heads_q, p.batch), D, 0, stream>>>(a);
+  select_kernel<D / 32><<<dim3((p.blocks_q + kSelectRows - 1) / kSelectRows, p.heads_q, p.batch), kSelectThreads, 0,
+                           stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -586,16 +521,24 @@ bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k) {
 
 std::size_t sparge_workspace_bytes(const SpargePredictParams& p) { return carve(p, nullptr); }
 
-int launch_sparge_predict(const SpargePredictParams& p, void* stream) {
-  PoolArgs a{};
-  a.p = p;
-  Workspace w{};
-  carve(p, &w);
-  a.ksum = w.ksum, a.km = w.km, a.kmean = w.kmean, a.ksim = w.ksim, a.qmean = w.qmean, a.qsim = w.qsim;
+SpargePoolChunks sparge_pool_chunks(const SpargePredictParams& p) { return pool_args(p).chunks; }
+
+int launch_sparge_kmean(const SpargePredictParams& p, void* stream) {
+  const PoolArgs a = pool_args(p);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool gather = p.q.rows != nullptr || p.k.rows != nullptr;
-  if (gather) return static_cast<int>(p.in_bf16 ? launch_dim<true, true>(a, s) : launch_dim<false, true>(a, s));
-  return static_cast<int>(p.in_bf16 ? launch_dim<true, false>(a, s) : launch_dim<false, false>(a, s));
+  const bool gather = p.k.rows != nullptr;
+  if (gather) return static_cast<int>(p.in_bf16 ? launch_kmean_dim<true, true>(a, s) : launch_kmean_dim<false, true>(a, s));
+  return static_cast<int>(p.in_bf16 ? launch_kmean_dim<true, false>(a, s) : launch_kmean_dim<false, false>(a, s));
+}
+
+int launch_sparge_select(const SpargePredictParams& p, void* stream) {
+  const PoolArgs a = pool_args(p);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p.head_dim) {
+    case 64: return static_cast<int>(launch_select_typed<64>(a, s));
+    case 128: return static_cast<int>(launch_select_typed<128>(a, s));
+    default: return static_cast<int>(launch_select_typed<256>(a, s));
+  }
 }
 
 int launch_permute(const PermuteParams& p, void* stream) {

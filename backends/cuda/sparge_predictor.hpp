@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "preprocess.hpp"
+
 namespace sparq::cuda {
 
 // One strided fp16/bf16 tensor [B, H, N, D] (element strides; the channel stride is 1).
@@ -34,8 +36,14 @@ struct SpargePredictParams {
 // 32768 tokens); otherwise the runtime predicts on the host.
 bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k);
 std::size_t sparge_workspace_bytes(const SpargePredictParams& p);
-// Enqueues the predictor on `stream` (a cudaStream_t); returns a cudaError_t as an int.
-int launch_sparge_predict(const SpargePredictParams& p, void* stream);
+// Stage 1 runs around the quantization passes (cuda_backend_kernels.cu), which pool Q and K into the chunks of
+// sparge_pool_chunks(p) (pointers into p.workspace; PreprocessParams::pool):
+//   launch_sparge_kmean   before them: the raw K block sums and the prediction's K mean (chunks.km);
+//   launch_sparge_select  after them: the block means and self-similarities from the chunks, then the LUT.
+// Each enqueues on `stream` (a cudaStream_t) and returns a cudaError_t as an int.
+SpargePoolChunks sparge_pool_chunks(const SpargePredictParams& p);
+int launch_sparge_kmean(const SpargePredictParams& p, void* stream);
+int launch_sparge_select(const SpargePredictParams& p, void* stream);
 
 struct PermuteParams {
   SpargeView src;
