@@ -1,7 +1,9 @@
 // The Vulkan backend: storage as device-local buffers (copies through a host-visible staging buffer),
 // attention as up to four dispatches of the generated kernels (templates/glsl):
 //   kmean (K smoothing vector) -> quant (Q and K to INT8 per group) -> attention_d{D}_{mask}[_idot|_coopmat]
-// recorded in one command buffer, with timestamps around the whole and around the attention kernel.
+// recorded in one command buffer, with timestamps around the whole and around the attention kernel. With a
+// fused SpargeAttn stage 1 (AttentionProblem::predict) the quant passes also pool q and k for the prediction and
+// the predictor's small passes run between them and the attention kernel, in the same command buffer.
 #include "backend.hpp"
 #include "vulkan_debug.hpp"
 #include "vulkan_device.hpp"
@@ -41,6 +43,7 @@ struct VkParams {
   std::uint32_t mask_bq, mask_bk, mask_hm, mask_nqb, mask_nkb, mask_off, mask_off2;
   std::uint32_t pv_skip;
   std::uint32_t order_off, order_size;  // a fused token order (binding 18)
+  std::uint32_t pool_kmu, pool_k, pool_q, pool_kf, pool_qf, pool_nkc, pool_nqc;  // stage-1 pooling (PoolLayout)
 };
 static_assert(sizeof(VkParams) % 4 == 0, "vkCmdUpdateBuffer needs a multiple of 4 bytes");
 
@@ -54,7 +57,7 @@ struct SpgParams {
   float scale_log2, inv_nk, inv_bq, inv_tail_q, inv_bk, inv_tail_k;
   std::uint32_t counts_off, indices_off;
   std::uint32_t p_off, p_sb, p_sh, p_st, d_off, d_sb, d_sh, d_st, p_heads, p_tokens, p_order;
-  std::uint32_t ord_off, ord_size;  // sparge_pool: a fused token order (binding 13)
+  std::uint32_t pool_kmu, pool_k, pool_q, pool_kf, pool_qf, pool_nkc, pool_nqc;  // as in VkParams
 };
 static_assert(sizeof(SpgParams) % 4 == 0, "vkCmdUpdateBuffer needs a multiple of 4 bytes");
 
@@ -88,8 +91,8 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   std::array<int, 2> mask_granularity() const override { return {kTile, kTile}; }
   PVPrecision default_pv_precision() const override { return PVPrecision::Fp16; }
   bool supports_pv_skip() const override { return true; }
-  // The token order is fused (GATHER specialization of kmean, quant, the attention kernels and sparge_pool):
-  // rows are read and the output written through it, so the runtime makes no permuted copies.
+  // The token order is fused (GATHER specialization of kmean, quant and the attention kernels): rows are read
+  // and the output written through it, so the runtime makes no permuted copies.
   bool reads_token_order() const override { return true; }
 
   std::shared_ptr<Storage> allocate(std::size_t bytes) override;
@@ -99,12 +102,24 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   void download(const Storage& src, std::size_t offset, void* dst, std::size_t bytes) override;
   void attention(const AttentionProblem& p) override;
   bool sparge_predict(const SpargePredictProblem& sp) override;
+  bool fuses_sparge_predict(const SpargePredictProblem& sp) const override { return sparge_fits(sp); }
   bool permute_tokens(const PermuteProblem& pp) override;
   void synchronize() override { wait(); }
 
   void release(Buffer& buffer);  // from ~VulkanStorage
 
  private:
+  struct SpargeSetup;
+  // SpargeAttn stage 1 (shared by sparge_predict and a fused attention): the problems it covers; its buffers
+  // and parameter blocks (ensure()s: call before making any descriptor set of the call); the recording of its
+  // passes after the pooling (the prediction's K mean; block statistics and selection).
+  bool sparge_fits(const SpargePredictProblem& sp) const;
+  void sparge_prepare(const SpargePredictProblem& sp, SpargeSetup& s);
+  void sparge_record_params(const SpargeSetup& s);
+  void sparge_record_kmean(const SpargeSetup& s, VkDescriptorSet set);
+  void sparge_record_select(const SpargeSetup& s, VkDescriptorSet set);
+  // Room for `n` more descriptor sets, so that making them cannot reset the pool under one made before.
+  void reserve_descriptor_sets(std::size_t n);
   void init();
   void wait();
   void begin();
@@ -134,8 +149,9 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   // Scratch of the preprocessing passes (grow-only).
   Buffer q8_, k8_, qscale_, kscale_, kmean_, qkm_, k16_;
   Buffer pv_thr_, pv_stats_;  // SpargeAttn stage 2: thresholds [Hq], counters [total, skipped]
-  // SpargeAttn stage 1 (sparge_common.glsl's buffers) and the token permutation's order.
-  Buffer spg_params_, spg_ksum_, spg_km_, spg_kmean_, spg_ksim_, spg_qmean_, spg_qsim_, spg_head_, spg_order_;
+  // SpargeAttn stage 1 (sparge_common.glsl's buffers; spg_pool_: the pooled chunks, sparge_pool.glsl) and the
+  // token permutation's order.
+  Buffer spg_params_, spg_pool_, spg_kmean_, spg_ksim_, spg_qmean_, spg_qsim_, spg_head_, spg_order_;
 };
 
 constexpr std::uint32_t kMaxSets = 256;
@@ -148,7 +164,7 @@ VulkanBackend::~VulkanBackend() {
   if (!vk_) return;
   vkDeviceWaitIdle(vk_);
   for (Buffer* b : {&staging_, &params_, &dummy_, &q8_, &k8_, &qscale_, &kscale_, &kmean_, &qkm_, &k16_, &pv_thr_, &pv_stats_,
-                    &spg_params_, &spg_ksum_, &spg_km_, &spg_kmean_, &spg_ksim_, &spg_qmean_, &spg_qsim_, &spg_head_,
+                    &spg_params_, &spg_pool_, &spg_kmean_, &spg_ksim_, &spg_qmean_, &spg_qsim_, &spg_head_,
                     &spg_order_})
     dev_->destroy_buffer(*b);
   if (dpool_) vkDestroyDescriptorPool(vk_, dpool_, nullptr);
@@ -434,6 +450,252 @@ int64_t last_index(const Operand& op, int batch, int heads, int tokens, int dim)
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------------
+// SpargeAttn stage 1 (docs/SPARGE.md): the block predictor, on the device, in the same arithmetic as the host
+// reference. Passes, per call (templates/glsl):
+//   1. quant with POOL = 2 (pooling only): raw K, 64-token chunk sums (sparge_pool.glsl);
+//   2. sparge_kmean: the prediction's own K mean from them (specified to the bit; not the kernel's smoothing
+//      vector), needed before smoothed K can be pooled;
+//   3. quant with POOL = 1: Q, and K − km, chunk sums of v and v·(1/‖v‖) and chunk flags;
+//   4. sparge_finalize: block means and self-similarities from the chunks;
+//   5. sparge_select: the LUT, one workgroup per 1, 2 or 4 query block rows.
+// sparge_predict runs the pooling passes with QUANT off; a fused attention() (AttentionProblem::predict) runs
+// its own quantization passes with POOL = 1 as pass 3, so q and k are read by the prediction only in the raw K
+// pass: one pooling implementation for both, which the LUT-equality tests exercise through either.
+
+namespace {
+constexpr int kSpargeMaxKeyBlocks = 1024;  // SLOTS of sparge_select (1 row of 1024 key blocks per workgroup)
+constexpr int kSpargeMaxDim = 256;         // one finalize thread per channel slot, at most 256
+constexpr int kSpargeChunk = 64;           // tokens per pooled chunk (blocks are multiples of it)
+constexpr int64_t kSpargeMaxBlock = int64_t(1) << 22;  // the trees over a block's chunks (TREE_LEVELS)
+
+// The smallest power of two >= n (1 for n <= 1): the leaves of a tree sum over n values.
+std::uint32_t spg_slots(int64_t n) {
+  std::uint32_t s = 1;
+  while (s < n) s <<= 1;
+  return s;
+}
+
+// Regions of the pooling buffer (sparge_pool.glsl), in 4-byte elements: the prediction's K mean [B, Hkv, DP],
+// chunk rows of K and Q [B, H, chunks, 2, DP], chunk flags of K and Q [B, H, chunks].
+struct PoolLayout {
+  std::uint32_t kmu = 0, k = 0, q = 0, kf = 0, qf = 0, nkc = 0, nqc = 0;
+  VkDeviceSize bytes = 0;
+};
+PoolLayout pool_layout(const SpargePredictProblem& sp, std::uint32_t DP) {
+  PoolLayout l;
+  const VkDeviceSize B = sp.batch, Hq = sp.heads_q, Hkv = sp.heads_kv;
+  l.nkc = std::uint32_t((sp.tokens_k + kSpargeChunk - 1) / kSpargeChunk);
+  l.nqc = std::uint32_t((sp.tokens_q + kSpargeChunk - 1) / kSpargeChunk);
+  VkDeviceSize at = B * Hkv * DP;
+  const VkDeviceSize k = at;
+  at += B * Hkv * l.nkc * 2 * DP;
+  const VkDeviceSize q = at;
+  at += B * Hq * l.nqc * 2 * DP;
+  const VkDeviceSize kf = at;
+  at += B * Hkv * l.nkc;
+  const VkDeviceSize qf = at;
+  at += B * Hq * l.nqc;
+  l.bytes = at * 4;
+  if (l.bytes <= UINT32_MAX)  // else sparge_fits refuses the problem (beyond any maxStorageBufferRange)
+    l.k = std::uint32_t(k), l.q = std::uint32_t(q), l.kf = std::uint32_t(kf), l.qf = std::uint32_t(qf);
+  return l;
+}
+template <class Params>
+void set_pool_fields(Params& prm, const PoolLayout& l) {
+  prm.pool_kmu = l.kmu, prm.pool_k = l.k, prm.pool_q = l.q, prm.pool_kf = l.kf, prm.pool_qf = l.qf;
+  prm.pool_nkc = l.nkc, prm.pool_nqc = l.nqc;
+}
+
+// Whether the pooling may read an operand's rows as aligned 16-byte words (quant's VEC).
+VkBool32 rows_aligned(std::uint32_t first, const Operand& op, int D) {
+  return VkBool32(first % 8 == 0 && op.stride_batch % 8 == 0 && op.stride_head % 8 == 0 &&
+                  op.stride_token % 8 == 0 && D % 8 == 0);
+}
+}  // namespace
+
+struct VulkanBackend::SpargeSetup {
+  std::uint32_t DP = 0;  // channel slots of the trees over channels (tree_slots(D))
+  PoolLayout pool;
+  SpgParams prm{};
+  std::vector<float> head;  // [Hq][4]: θ, τ, top-k, dense
+  BindSet binds;            // the set of sparge_kmean, sparge_finalize and sparge_select
+  std::uint32_t select_rows = 1;
+};
+
+bool VulkanBackend::sparge_fits(const SpargePredictProblem& sp) const {
+  const auto& limits = dev_->properties().limits;
+  const int D = sp.head_dim;
+  // The pooled chunks are 64 tokens: block sizes must be multiples of 64 (the runtime's blocks are multiples of
+  // the 64x64 mask tile).
+  const std::uint32_t DP = spg_slots(D);
+  const std::uint32_t G = DP / 8;
+  // quant's shared memory with the pooling (sparge_pool.glsl: part_n, part_s, part_u, inv_norm, flags; quant's own)
+  const std::uint32_t quant_shared = (64 * (G + 1) + 16 * DP + 64 + 1 + 16) * 4;
+  const PoolLayout pool = pool_layout(sp, DP);
+  const VkDeviceSize kv_blocks = VkDeviceSize(sp.batch) * sp.heads_kv * sp.blocks_k;
+  const VkDeviceSize q_blocks = VkDeviceSize(sp.batch) * sp.heads_q * sp.blocks_q;
+  return D <= kSpargeMaxDim && DP >= 8 && sp.blocks_k <= kSpargeMaxKeyBlocks && sp.heads_q <= 4096 &&
+         sp.block_q <= kSpargeMaxBlock && sp.block_k <= kSpargeMaxBlock && sp.block_q % kSpargeChunk == 0 &&
+         sp.block_k % kSpargeChunk == 0 && quant_shared <= limits.maxComputeSharedMemorySize &&
+         std::max({std::uint32_t(sp.blocks_q), std::uint32_t(sp.blocks_k), pool.nqc, pool.nkc}) <=
+             limits.maxComputeWorkGroupCount[0] &&
+         std::uint32_t(sp.heads_q) <= limits.maxComputeWorkGroupCount[1] &&
+         std::uint32_t(sp.batch) <= limits.maxComputeWorkGroupCount[2] && pool.bytes <= limits.maxStorageBufferRange &&
+         std::max(kv_blocks, q_blocks) * DP * 4 <= limits.maxStorageBufferRange;
+}
+
+void VulkanBackend::sparge_prepare(const SpargePredictProblem& sp, SpargeSetup& s) {
+  const int B = sp.batch, Hq = sp.heads_q, Hkv = sp.heads_kv, nqb = sp.blocks_q, nkb = sp.blocks_k;
+  s.DP = spg_slots(sp.head_dim);
+  s.pool = pool_layout(sp, s.DP);
+  SpgParams& prm = s.prm;
+  prm = SpgParams{};
+  prm.B = B, prm.Hq = Hq, prm.Hkv = Hkv, prm.Nq = sp.tokens_q, prm.Nk = sp.tokens_k, prm.D = sp.head_dim;
+  prm.group_size = Hq / Hkv;
+  prm.bq = sp.block_q, prm.bk = sp.block_k, prm.nqb = nqb, prm.nkb = nkb;
+  prm.causal = sp.causal, prm.sink = sp.sink, prm.diagonal = sp.diagonal;
+  prm.scale_log2 = sp.scale_log2, prm.inv_nk = sp.inv_tokens_k;
+  prm.inv_bq = sp.inv_block_q, prm.inv_tail_q = sp.inv_tail_q, prm.inv_bk = sp.inv_block_k, prm.inv_tail_k = sp.inv_tail_k;
+  set_pool_fields(prm, s.pool);
+
+  s.binds.fill(BindRange{dummy_.buffer, 0, dummy_.size});
+  s.binds[0] = {spg_params_.buffer, 0, sizeof(SpgParams)};
+  const int64_t rows = int64_t(B) * Hq * nqb;
+  OperandBinding counts = bind_operand(*dev_, sp.counts, 4, rows - 1, "LUT counts");
+  OperandBinding indices = bind_operand(*dev_, sp.indices, 4, rows * nkb - 1, "LUT indices");
+  s.binds[10] = counts.range, s.binds[11] = indices.range;
+  prm.counts_off = counts.first, prm.indices_off = indices.first;
+
+  // block rows of DP floats (padding channels +0), so that sparge_select reads them as aligned vec4
+  const VkDeviceSize kv_blocks = VkDeviceSize(B) * Hkv * nkb, q_blocks = VkDeviceSize(B) * Hq * nqb;
+  ensure(spg_pool_, s.pool.bytes);
+  ensure(spg_kmean_, kv_blocks * s.DP * 4);
+  ensure(spg_ksim_, kv_blocks * 4);
+  ensure(spg_qmean_, q_blocks * s.DP * 4);
+  ensure(spg_qsim_, q_blocks * 4);
+  ensure(spg_head_, VkDeviceSize(Hq) * 16);
+  auto whole = [](const Buffer& b) { return BindRange{b.buffer, 0, b.size}; };
+  s.binds[5] = whole(spg_kmean_), s.binds[6] = whole(spg_ksim_), s.binds[7] = whole(spg_qmean_);
+  s.binds[8] = whole(spg_qsim_), s.binds[9] = whole(spg_head_), s.binds[19] = whole(spg_pool_);
+  s.head.assign(std::size_t(Hq) * 4, 0.0f);
+  for (int h = 0; h < Hq; ++h) {
+    s.head[std::size_t(h) * 4 + 0] = sp.simthreshd[std::size_t(h)];
+    s.head[std::size_t(h) * 4 + 1] = sp.cdfthreshd[std::size_t(h)];
+    s.head[std::size_t(h) * 4 + 2] = sp.topk[std::size_t(h)];
+    s.head[std::size_t(h) * 4 + 3] = sp.dense[std::size_t(h)] ? 1.0f : 0.0f;
+  }
+  // query block rows per select workgroup: as many as fit its 1024 shared slots
+  s.select_rows = nkb <= 256 ? 4 : nkb <= 512 ? 2 : 1;
+}
+
+void VulkanBackend::sparge_record_params(const SpargeSetup& s) {
+  vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &s.prm);
+  vkCmdUpdateBuffer(cmd_, spg_head_.buffer, 0, VkDeviceSize(s.head.size()) * 4, s.head.data());
+}
+
+void VulkanBackend::sparge_record_kmean(const SpargeSetup& s, VkDescriptorSet set) {
+  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline("sparge_kmean", {}));
+  vkCmdDispatch(cmd_, (s.DP + 63) / 64, s.prm.Hkv, s.prm.B);
+}
+
+void VulkanBackend::sparge_record_select(const SpargeSetup& s, VkDescriptorSet set) {
+  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline("sparge_finalize", {s.DP}));
+  for (std::uint32_t which : {0u, 1u}) {  // Q blocks, smoothed K blocks
+    vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
+    vkCmdDispatch(cmd_, which ? s.prm.nkb : s.prm.nqb, which ? s.prm.Hkv : s.prm.Hq, s.prm.B);
+  }
+  barrier_compute_to_compute();
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline("sparge_select", {s.DP}));
+  vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &s.select_rows);
+  vkCmdDispatch(cmd_, (s.prm.nqb + s.select_rows - 1) / s.select_rows, s.prm.Hq, s.prm.B);
+}
+
+void VulkanBackend::reserve_descriptor_sets(std::size_t n) {
+  if (dsets_.size() + n > kMaxSets) {
+    wait();
+    reset_descriptors();
+  }
+}
+
+bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
+  if (!sparge_fits(sp)) return false;
+  const int B = sp.batch, Hq = sp.heads_q, Hkv = sp.heads_kv, D = sp.head_dim;
+  SpargeSetup s;
+  sparge_prepare(sp, s);
+  // The pooling passes are quant's with QUANT off: their own parameter block (only what they read), q and k
+  // (through the token order), and the pooling buffer. Spans of 64 tokens: one chunk per workgroup.
+  VkParams prm{};
+  prm.B = B, prm.Hq = Hq, prm.Hkv = Hkv, prm.Nq = sp.tokens_q, prm.Nk = sp.tokens_k, prm.D = D;
+  prm.group_size = Hq / Hkv;
+  prm.q_span = prm.k_span = kSpargeChunk, prm.q_inner = prm.k_inner = 1;
+  set_pool_fields(prm, s.pool);
+  BindSet binds;
+  binds.fill(BindRange{dummy_.buffer, 0, dummy_.size});
+  binds[0] = {params_.buffer, 0, sizeof(VkParams)};
+  OperandBinding q = bind_operand(*dev_, sp.q, 2, last_index(sp.q, B, Hq, sp.tokens_q, D), "q");
+  OperandBinding k = bind_operand(*dev_, sp.k, 2, last_index(sp.k, B, Hkv, sp.tokens_k, D), "k");
+  binds[1] = q.range, binds[2] = k.range, binds[19] = s.binds[19];
+  prm.q_off = q.first, prm.q_sb = u32(sp.q.stride_batch, "stride"), prm.q_sh = u32(sp.q.stride_head, "stride");
+  prm.q_st = u32(sp.q.stride_token, "stride");
+  prm.k_off = k.first, prm.k_sb = u32(sp.k.stride_batch, "stride"), prm.k_sh = u32(sp.k.stride_head, "stride");
+  prm.k_st = u32(sp.k.stride_token, "stride");
+  // A fused token order (SpargePredictProblem::token_order): the pooling reads q and k rows through it.
+  const bool gather = sp.token_order.storage != nullptr && sp.token_order_size > 0;
+  if (gather) {
+    if (sp.token_order.dtype != DType::I32 || sp.token_order_size > std::min(sp.tokens_q, sp.tokens_k))
+      fail(Status::Internal, "vulkan: a token order must be I32 with at most min(Nq, Nk) entries");
+    OperandBinding o = bind_operand(*dev_, sp.token_order, 4, sp.token_order_size - 1, "token order");
+    binds[18] = o.range;
+    prm.order_off = o.first;
+    prm.order_size = u32(sp.token_order_size, "token order size");
+  }
+
+  // quant's specialization: dtype, fp16 Q·Kᵀ (off), order, POOL, QUANT (off), DP, 16-byte row loads.
+  const VkBool32 in_bf16 = sp.q.dtype == DType::BF16, b_gather = gather;
+  VkPipeline pool_raw = dev_->pipeline("quant", {in_bf16, 0, b_gather, 2, 0, s.DP, rows_aligned(k.first, sp.k, D)});
+  VkPipeline pool_q = dev_->pipeline("quant", {in_bf16, 0, b_gather, 1, 0, s.DP, rows_aligned(q.first, sp.q, D)});
+  VkPipeline pool_k = dev_->pipeline("quant", {in_bf16, 0, b_gather, 1, 0, s.DP, rows_aligned(k.first, sp.k, D)});
+  reserve_descriptor_sets(2);
+  VkDescriptorSet pool_set = descriptor_set(binds), spg_set = descriptor_set(s.binds);
+  begin();
+  vkCmdUpdateBuffer(cmd_, params_.buffer, 0, sizeof(VkParams), &prm);
+  sparge_record_params(s);
+  barrier_transfer_to_compute();
+  const bool timed = profiling_ && queries_;
+  if (timed) {
+    vkCmdResetQueryPool(cmd_, queries_, 0, 3);
+    vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 0);
+    vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 1);  // unused; every query is read
+  }
+  auto pool_pass = [&](VkPipeline pipeline, std::uint32_t which) {
+    vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pipeline);
+    vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
+    vkCmdDispatch(cmd_, which ? s.pool.nkc : s.pool.nqc, which ? Hkv : Hq, B);
+  };
+  // The Q pass needs nothing before it: it runs beside the raw K pass; smoothed K needs the K mean.
+  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &pool_set, 0, nullptr);
+  pool_pass(pool_raw, 1);
+  pool_pass(pool_q, 0);
+  barrier_compute_to_compute();
+  sparge_record_kmean(s, spg_set);
+  barrier_compute_to_compute();
+  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &pool_set, 0, nullptr);
+  pool_pass(pool_k, 1);
+  barrier_compute_to_compute();
+  sparge_record_select(s, spg_set);
+  if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 2);
+  submit();
+  if (timed) {
+    const std::array<std::uint64_t, 3> ts = timestamps();
+    timing_.total_ms = device_ms(ts[0], ts[2]);
+    timing_.attention_ms = 0;
+  }
+  return true;
+}
+
 void VulkanBackend::attention(const AttentionProblem& p) {
   if (p.pv_precision == PVPrecision::Fp8) not_supported(Backend::Vulkan, "fp8 P·V");
   if (p.batch <= 0 || p.heads_q <= 0 || p.tokens_q <= 0) return;  // nothing to compute
@@ -577,6 +839,24 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     prm.order_off = o.first;
     prm.order_size = u32(p.token_order_size, "token order size");
   }
+  // A fused SpargeAttn stage 1 (AttentionProblem::predict): the quant passes pool q and k as they quantize them
+  // (POOL = 1; the quantized outputs do not depend on it), between them run the predictor's raw K pass and K
+  // mean, after them its block statistics and selection, which writes the LUT the attention kernel reads.
+  const SpargePredictProblem* sp = p.predict;
+  SpargeSetup spg;
+  if (sp) {
+    if (p.mask_layout != MaskLayout::Lut || sp->counts.storage != p.mask_counts.storage ||
+        sp->counts.offset_bytes != p.mask_counts.offset_bytes || sp->indices.storage != p.mask_indices.storage ||
+        sp->indices.offset_bytes != p.mask_indices.offset_bytes || sp->q.storage != p.q.storage ||
+        sp->q.offset_bytes != p.q.offset_bytes || sp->k.storage != p.k.storage ||
+        sp->k.offset_bytes != p.k.offset_bytes || sp->token_order.storage != p.token_order.storage ||
+        !sparge_fits(*sp))
+      fail(Status::Internal, "vulkan: a fused prediction must be one fuses_sparge_predict() accepted, of this "
+                             "problem's q and k, into its LUT mask");
+    sparge_prepare(*sp, spg);  // ensure()s: before any descriptor set is made
+    binds[19] = spg.binds[19];
+    set_pool_fields(prm, spg.pool);
+  }
 
   // Grid limits.
   const std::uint32_t q_tiles = (p.tokens_q + kTile - 1) / kTile;
@@ -589,13 +869,22 @@ void VulkanBackend::attention(const AttentionProblem& p) {
 
   const VkBool32 b_in = in_bf16, b_out = out_bf16, b_fp16 = !int8, b_causal = p.causal, b_gather = gather;
   VkPipeline kmean = smooth ? dev_->pipeline("kmean", {b_in, b_gather}) : VK_NULL_HANDLE;
-  VkPipeline quant = dev_->pipeline("quant", {b_in, b_fp16, b_gather});
+  // quant: dtype, fp16 Q·Kᵀ, order, then (stage 1) POOL, QUANT, DP and 16-byte row loads for the pooling.
+  const std::uint32_t pool = sp ? 1 : 0, DP = sp ? spg.DP : 8;
+  const VkBool32 q_vec = sp && rows_aligned(prm.q_off, p.q, D), k_vec = sp && rows_aligned(prm.k_off, p.k, D);
+  VkPipeline quant_q = dev_->pipeline("quant", {b_in, b_fp16, b_gather, pool, 1, DP, q_vec});
+  VkPipeline quant_k = dev_->pipeline("quant", {b_in, b_fp16, b_gather, pool, 1, DP, k_vec});
+  VkPipeline pool_raw =
+      sp ? dev_->pipeline("quant", {b_in, 0, b_gather, 2, 0, DP, k_vec}) : VK_NULL_HANDLE;
   VkPipeline attn = dev_->pipeline(kernel, {b_in, b_out, b_fp16, b_causal, b_gather});
 
   // Record.
+  reserve_descriptor_sets(2);
   VkDescriptorSet set = descriptor_set(binds);
+  VkDescriptorSet spg_set = sp ? descriptor_set(spg.binds) : VK_NULL_HANDLE;
   begin();
   vkCmdUpdateBuffer(cmd_, params_.buffer, 0, sizeof(VkParams), &prm);
+  if (sp) sparge_record_params(spg);
   if (pv_skip) {
     vkCmdUpdateBuffer(cmd_, pv_thr_.buffer, 0, VkDeviceSize(p.heads_q) * 4, p.pv_threshold.data());
     vkCmdFillBuffer(cmd_, pv_stats_.buffer, 0, 16, 0u);
@@ -607,26 +896,32 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 0);
   }
   vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  auto quant_pass = [&](VkPipeline pipeline, std::uint32_t which, std::uint32_t spans) {
+    vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pipeline);
+    vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
+    vkCmdDispatch(cmd_, spans, which ? p.heads_kv : p.heads_q, p.batch);
+  };
   if (smooth) {
     vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
     vkCmdDispatch(cmd_, (D + 63) / 64, p.heads_kv, p.batch);
-    barrier_compute_to_compute();
   }
-  bool q_pass = int8 || (smooth && p.has_lse);
-  bool k_pass = Nk > 0;
-  if (q_pass || k_pass) {
-    vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, quant);
-    if (q_pass) {
-      std::uint32_t which = 0;
-      vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
-      vkCmdDispatch(cmd_, q_spans, p.heads_q, p.batch);
-    }
-    if (k_pass) {
-      std::uint32_t which = 1;
-      vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
-      vkCmdDispatch(cmd_, k_spans, p.heads_kv, p.batch);
-    }
+  if (sp) quant_pass(pool_raw, 1, spg.pool.nkc);  // stage 1's raw K chunks (beside the smoothing mean)
+  if (smooth || sp) barrier_compute_to_compute();
+  if (sp) {  // the prediction's K mean, which pooling smoothed K needs
+    sparge_record_kmean(spg, spg_set);
     barrier_compute_to_compute();
+    vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
+  }
+  // The Q pass also runs for the pooling alone (fp16 Q·Kᵀ without LSE needs nothing else from it).
+  bool q_pass = int8 || (smooth && p.has_lse) || sp;
+  bool k_pass = Nk > 0;
+  if (q_pass) quant_pass(quant_q, 0, q_spans);
+  if (k_pass) quant_pass(quant_k, 1, k_spans);
+  if (q_pass || k_pass) barrier_compute_to_compute();
+  if (sp) {  // block statistics and selection: the LUT (= the mask the attention kernel reads)
+    sparge_record_select(spg, spg_set);
+    barrier_compute_to_compute();
+    vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
   }
   if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 1);
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, attn);
@@ -658,151 +953,7 @@ void VulkanBackend::attention(const AttentionProblem& p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// SpargeAttn: stage-1 predictor and token permutation (templates/glsl/sparge_*.comp.j2)
-
-namespace {
-constexpr int kSpargeMaxKeyBlocks = 1024;  // SLOTS of sparge_select (1 row of 1024 key blocks per workgroup)
-constexpr int kSpargeMaxDim = 256;         // sparge_pool: one thread per channel slot, at most 256
-constexpr int kSpargeChunk = 64;           // token slots per step of sparge_pool
-constexpr int64_t kSpargeMaxBlock = int64_t(1) << 22;  // sparge_pool's chunk counter: 17 levels at most
-
-// The smallest power of two >= n (1 for n <= 1): the leaves of a tree sum over n values.
-std::uint32_t spg_slots(int64_t n) {
-  std::uint32_t s = 1;
-  while (s < n) s <<= 1;
-  return s;
-}
-std::uint32_t spg_log2(std::uint32_t pow2) {
-  std::uint32_t k = 0;
-  while ((1u << k) < pow2) ++k;
-  return k;
-}
-}  // namespace
-
-bool VulkanBackend::sparge_predict(const SpargePredictProblem& sp) {
-  const auto& limits = dev_->properties().limits;
-  const int D = sp.head_dim;
-  // DP: the channel slots of the tree over channels, the pool's threads and the stride of the pooled rows.
-  // The pool walks blocks in chunks of 64 token slots: block sizes must be multiples of 64 (the runtime's
-  // blocks are multiples of the 64x64 mask tile).
-  const std::uint32_t DP = spg_slots(D);
-  const bool fits = D <= kSpargeMaxDim && DP >= 8 && sp.blocks_k <= kSpargeMaxKeyBlocks && sp.heads_q <= 4096 &&
-                    sp.block_q <= kSpargeMaxBlock && sp.block_k <= kSpargeMaxBlock &&
-                    sp.block_q % kSpargeChunk == 0 && sp.block_k % kSpargeChunk == 0 &&
-                    std::uint32_t(std::max(sp.blocks_q, sp.blocks_k)) <= limits.maxComputeWorkGroupCount[0] &&
-                    std::uint32_t(sp.heads_q) <= limits.maxComputeWorkGroupCount[1] &&
-                    std::uint32_t(sp.batch) <= limits.maxComputeWorkGroupCount[2];
-  if (!fits) return false;
-  const int B = sp.batch, Hq = sp.heads_q, Hkv = sp.heads_kv, nqb = sp.blocks_q, nkb = sp.blocks_k;
-  SpgParams prm{};
-  prm.B = B, prm.Hq = Hq, prm.Hkv = Hkv, prm.Nq = sp.tokens_q, prm.Nk = sp.tokens_k, prm.D = D;
-  prm.group_size = Hq / Hkv;
-  prm.bq = sp.block_q, prm.bk = sp.block_k, prm.nqb = nqb, prm.nkb = nkb;
-  prm.causal = sp.causal, prm.sink = sp.sink, prm.diagonal = sp.diagonal;
-  prm.scale_log2 = sp.scale_log2, prm.inv_nk = sp.inv_tokens_k;
-  prm.inv_bq = sp.inv_block_q, prm.inv_tail_q = sp.inv_tail_q, prm.inv_bk = sp.inv_block_k, prm.inv_tail_k = sp.inv_tail_k;
-
-  BindSet binds;
-  binds.fill(BindRange{dummy_.buffer, 0, dummy_.size});
-  binds[0] = {spg_params_.buffer, 0, sizeof(SpgParams)};
-  OperandBinding q = bind_operand(*dev_, sp.q, 2, last_index(sp.q, B, Hq, sp.tokens_q, D), "q");
-  OperandBinding k = bind_operand(*dev_, sp.k, 2, last_index(sp.k, B, Hkv, sp.tokens_k, D), "k");
-  binds[1] = q.range, binds[2] = k.range;
-  prm.q_off = q.first, prm.q_sb = u32(sp.q.stride_batch, "stride"), prm.q_sh = u32(sp.q.stride_head, "stride");
-  prm.q_st = u32(sp.q.stride_token, "stride");
-  prm.k_off = k.first, prm.k_sb = u32(sp.k.stride_batch, "stride"), prm.k_sh = u32(sp.k.stride_head, "stride");
-  prm.k_st = u32(sp.k.stride_token, "stride");
-  const int64_t rows = int64_t(B) * Hq * nqb;
-  OperandBinding counts = bind_operand(*dev_, sp.counts, 4, rows - 1, "LUT counts");
-  OperandBinding indices = bind_operand(*dev_, sp.indices, 4, rows * nkb - 1, "LUT indices");
-  binds[10] = counts.range, binds[11] = indices.range;
-  prm.counts_off = counts.first, prm.indices_off = indices.first;
-  // A fused token order (SpargePredictProblem::token_order): the pool passes read q and k rows through it.
-  const bool gather = sp.token_order.storage != nullptr && sp.token_order_size > 0;
-  if (gather) {
-    if (sp.token_order.dtype != DType::I32 || sp.token_order_size > std::min(sp.tokens_q, sp.tokens_k))
-      fail(Status::Internal, "vulkan: a token order must be I32 with at most min(Nq, Nk) entries");
-    OperandBinding o = bind_operand(*dev_, sp.token_order, 4, sp.token_order_size - 1, "token order");
-    binds[13] = o.range;
-    prm.ord_off = o.first;
-    prm.ord_size = u32(sp.token_order_size, "token order size");
-  }
-
-  const VkDeviceSize kv_blocks = VkDeviceSize(B) * Hkv * nkb, q_blocks = VkDeviceSize(B) * Hq * nqb;
-  // pooled rows of DP floats (padding channels +0), so that sparge_select reads them as aligned vec4
-  ensure(spg_ksum_, kv_blocks * DP * 4);
-  ensure(spg_km_, VkDeviceSize(B) * Hkv * DP * 4);
-  ensure(spg_kmean_, kv_blocks * DP * 4);
-  ensure(spg_ksim_, kv_blocks * 4);
-  ensure(spg_qmean_, q_blocks * DP * 4);
-  ensure(spg_qsim_, q_blocks * 4);
-  ensure(spg_head_, VkDeviceSize(Hq) * 16);
-  for (const Buffer* b : {&spg_ksum_, &spg_kmean_, &spg_qmean_})
-    if (b->size > limits.maxStorageBufferRange) return false;
-  auto whole = [](const Buffer& b) { return BindRange{b.buffer, 0, b.size}; };
-  binds[3] = whole(spg_ksum_), binds[4] = whole(spg_km_), binds[5] = whole(spg_kmean_), binds[6] = whole(spg_ksim_);
-  binds[7] = whole(spg_qmean_), binds[8] = whole(spg_qsim_), binds[9] = whole(spg_head_);
-  std::vector<float> head(std::size_t(Hq) * 4);
-  for (int h = 0; h < Hq; ++h) {
-    head[std::size_t(h) * 4 + 0] = sp.simthreshd[std::size_t(h)];
-    head[std::size_t(h) * 4 + 1] = sp.cdfthreshd[std::size_t(h)];
-    head[std::size_t(h) * 4 + 2] = sp.topk[std::size_t(h)];
-    head[std::size_t(h) * 4 + 3] = sp.dense[std::size_t(h)] ? 1.0f : 0.0f;
-  }
-
-  const VkBool32 in_bf16 = sp.q.dtype == DType::BF16;
-  // sparge_pool's specialization: dtype, DP (threads), chunk counter levels, pass, 16-byte row loads, order.
-  const std::uint32_t levels = spg_log2(std::max(spg_slots(sp.block_q), spg_slots(sp.block_k)) / kSpargeChunk) + 1;
-  auto aligned = [&](const OperandBinding& o, const Operand& op) {
-    return VkBool32(o.first % 8 == 0 && op.stride_batch % 8 == 0 && op.stride_head % 8 == 0 &&
-                    op.stride_token % 8 == 0 && D % 8 == 0);
-  };
-  const VkBool32 q_vec = aligned(q, sp.q), k_vec = aligned(k, sp.k);
-  const VkBool32 b_gather = gather;
-  VkPipeline pool_raw = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 0, k_vec, b_gather});
-  VkPipeline pool_k = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 1, k_vec, b_gather});
-  VkPipeline pool_q = dev_->pipeline("sparge_pool", {in_bf16, DP, levels, 2, q_vec, b_gather});
-  VkPipeline kmean = dev_->pipeline("sparge_kmean", {});
-  VkPipeline select = dev_->pipeline("sparge_select", {DP});
-  // query block rows per select workgroup: as many as fit its 1024 shared slots
-  const std::uint32_t select_rows = nkb <= 256 ? 4 : nkb <= 512 ? 2 : 1;
-  VkDescriptorSet set = descriptor_set(binds);
-  begin();
-  vkCmdUpdateBuffer(cmd_, spg_params_.buffer, 0, sizeof(SpgParams), &prm);
-  vkCmdUpdateBuffer(cmd_, spg_head_.buffer, 0, VkDeviceSize(head.size()) * 4, head.data());
-  barrier_transfer_to_compute();
-  const bool timed = profiling_ && queries_;
-  if (timed) {
-    vkCmdResetQueryPool(cmd_, queries_, 0, 3);
-    vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 0);
-    vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT, queries_, 1);  // unused; every query is read
-  }
-  vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
-  // The Q pass needs nothing before it: it runs beside the K mean (a small grid that alone would leave the
-  // device mostly idle); the smoothed K needs the K mean.
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_raw);
-  vkCmdDispatch(cmd_, nkb, Hkv, B);  // raw K block sums
-  barrier_compute_to_compute();
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
-  vkCmdDispatch(cmd_, (DP + 63) / 64, Hkv, B);
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_q);
-  vkCmdDispatch(cmd_, nqb, Hq, B);   // Q
-  barrier_compute_to_compute();
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pool_k);
-  vkCmdDispatch(cmd_, nkb, Hkv, B);  // smoothed K
-  barrier_compute_to_compute();
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, select);
-  vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &select_rows);
-  vkCmdDispatch(cmd_, (nqb + select_rows - 1) / select_rows, Hq, B);
-  if (timed) vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, queries_, 2);
-  submit();
-  if (timed) {
-    const std::array<std::uint64_t, 3> ts = timestamps();
-    timing_.total_ms = device_ms(ts[0], ts[2]);
-    timing_.attention_ms = 0;
-  }
-  return true;
-}
+// SpargeAttn: token permutation (templates/glsl/sparge_permute.comp.j2)
 
 bool VulkanBackend::permute_tokens(const PermuteProblem& pp) {
   const auto& limits = dev_->properties().limits;
@@ -830,10 +981,7 @@ bool VulkanBackend::permute_tokens(const PermuteProblem& pp) {
     order_range = {spg_order_.buffer, 0, spg_order_.size};
   }
   // One set per pair, all made before recording (a full pool is reset only here, never under a set in use).
-  if (dsets_.size() + pp.pairs.size() > kMaxSets) {
-    wait();
-    reset_descriptors();
-  }
+  reserve_descriptor_sets(pp.pairs.size());
   std::vector<SpgParams> prms(pp.pairs.size());
   std::vector<VkDescriptorSet> sets(pp.pairs.size());
   for (std::size_t i = 0; i < pp.pairs.size(); ++i) {

@@ -366,6 +366,12 @@ void Device::init(int index) {
   if (!features_.storage_16bit)
     fail(Status::BackendUnavailable, std::string("vulkan: device ") + props_.deviceName +
                                          " lacks storageBuffer16BitAccess, which the sparq kernels need");
+  // Every pipeline shares one set layout of kStorageBindings storage buffers.
+  if (props_.limits.maxPerStageDescriptorStorageBuffers < kStorageBindings)
+    fail(Status::BackendUnavailable, std::string("vulkan: device ") + props_.deviceName + " allows " +
+                                         std::to_string(props_.limits.maxPerStageDescriptorStorageBuffers) +
+                                         " storage buffers per shader stage; the sparq kernels bind " +
+                                         std::to_string(kStorageBindings));
 
   // --- logical device: enable only what the kernels use
   VkPhysicalDeviceShaderIntegerDotProductFeatures idot_on{VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_INTEGER_DOT_PRODUCT_FEATURES};

@@ -41,7 +41,7 @@ struct Buffer {
 };
 
 // Number of storage-buffer bindings after the uniform parameter block (binding 0) in every kernel.
-constexpr std::uint32_t kStorageBindings = 18;
+constexpr std::uint32_t kStorageBindings = 19;
 
 class Device {
  public:

@@ -89,7 +89,8 @@ def vulkan_variants(cfg: Config):
     - ``kmean``: per (batch, kv head) channel mean of K over tokens (the smoothing vector). Not per head dim.
     - ``quant``: Q and K quantization to INT8 per NUMERICS.md group (one workgroup per span of tokens that
       holds whole groups), K smoothing, Q's scale folded with scale·log2(e), the LSE correction scale·q·km,
-      and the fp16/bf16 smoothed K for qk_precision=Fp16. Not per head dim (head dim is a runtime value).
+      and the fp16/bf16 smoothed K for qk_precision=Fp16; optionally the SpargeAttn stage-1 pooling of the
+      same rows (specialization constants). Not per head dim (head dim is a runtime value).
     - ``attention_d{D}_{mask}[_idot]``: the fused attention kernel, per head dim, mask layout and flavour.
       Tile choice: a workgroup of 128 threads owns a 64-query-row tile (two threads per row, each holding
       half of the row's fp32 output accumulator and computing half of the 64 keys of a tile), K tiles of
@@ -106,11 +107,12 @@ def vulkan_variants(cfg: Config):
     """
     out = [Variant("vulkan", "kmean", "glsl/kmean.comp.j2"),
            Variant("vulkan", "quant", "glsl/quant.comp.j2")]
-    # SpargeAttn stage 1 on the device (docs/SPARGE.md): block pooling of Q / K / smoothed K, the prediction's
-    # K mean, the map and selection per query block row, and the token permutation of the Hilbert order.
+    # SpargeAttn stage 1 on the device (docs/SPARGE.md): the pooling of Q, raw K and smoothed K runs in quant
+    # (templates/glsl/sparge_pool.glsl); then the prediction's K mean, the block statistics from the pooled
+    # chunks, the map and selection per query block row, and the token permutation of the Hilbert order.
     # Head dim and dtype are runtime values / specialization constants: one module each.
-    out += [Variant("vulkan", "sparge_pool", "glsl/sparge_pool.comp.j2"),
-            Variant("vulkan", "sparge_kmean", "glsl/sparge_kmean.comp.j2"),
+    out += [Variant("vulkan", "sparge_kmean", "glsl/sparge_kmean.comp.j2"),
+            Variant("vulkan", "sparge_finalize", "glsl/sparge_finalize.comp.j2"),
             Variant("vulkan", "sparge_select", "glsl/sparge_select.comp.j2"),
             Variant("vulkan", "sparge_permute", "glsl/sparge_permute.comp.j2")]
     # Two flavours per (head dim, mask): "idot" = the fast one for GPUs: Q·Kᵀ through the packed 4x8-bit dot

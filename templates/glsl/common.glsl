@@ -17,6 +17,9 @@ layout(std140, set = 0, binding = 0) uniform ParamsBlock {
   uint mask_bq, mask_bk, mask_hm, mask_nqb, mask_nkb, mask_off, mask_off2;
   uint pv_skip;  // SpargeAttn stage 2 on: thresholds in pv_thr
   uint order_off, order_size;  // a fused token order in token_order (token_row below)
+  // SpargeAttn stage-1 pooling in quant.comp.j2 (sparge_pool.glsl): its regions of the pooling buffer and the
+  // 64-token chunks per head (the same fields as sparge_common.glsl's SpgParamsBlock).
+  uint pool_kmu, pool_k, pool_q, pool_kf, pool_qf, pool_nkc, pool_nqc;
 } P;
 
 layout(std430, set = 0, binding = 1) readonly buffer QIn { uint16_t q_in[]; };

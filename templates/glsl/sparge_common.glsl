@@ -1,8 +1,6 @@
 // Shared by the SpargeAttn stage-1 kernels (sparge_*.comp.j2): their parameter block and buffers (struct
 // SpgParams in backends/vulkan/vulkan_backend.cpp: keep both in the same order) and the exact fp32 arithmetic
-// of docs/SPARGE.md ("Exact arithmetic"), the same as runtime/src/sparge/predictor_fp32.hpp: every add, sub
-// and mul is `precise` (never contracted) and flushed to a signed zero when subnormal; no division, no library
-// sqrt or exp; sums in the TreeSum order.
+// of docs/SPARGE.md ("Exact arithmetic", sparge_arith.glsl).
 #extension GL_EXT_shader_explicit_arithmetic_types_int16 : require
 #extension GL_EXT_shader_16bit_storage : require
 #extension GL_EXT_control_flow_attributes : enable
@@ -16,14 +14,15 @@ layout(std140, set = 0, binding = 0) uniform SpgParamsBlock {
   float scale_log2, inv_nk, inv_bq, inv_tail_q, inv_bk, inv_tail_k;
   uint counts_off, indices_off;
   uint p_off, p_sb, p_sh, p_st, d_off, d_sb, d_sh, d_st, p_heads, p_tokens, p_order;  // permutation
-  uint ord_off, ord_size;  // sparge_pool: q and k rows read through a fused token order (perm_order)
+  // The pooled 64-token chunks in spg_pool (binding 19; the same fields as common.glsl's ParamsBlock, which the
+  // quantization pass that writes them reads): regions of the prediction's K mean, the K and Q chunk rows, the
+  // K and Q chunk flags, and the chunks per head.
+  uint pool_kmu, pool_k, pool_q, pool_kf, pool_qf, pool_nkc, pool_nqc;
 } S;
 
 layout(std430, set = 0, binding = 1) readonly buffer SpgQ { uint16_t q_in[]; };
 layout(std430, set = 0, binding = 2) readonly buffer SpgK { uint16_t k_in[]; };
 // Pooled rows hold DP = tree_slots(D) floats (the channel slots of the tree over channels; padding slots +0).
-layout(std430, set = 0, binding = 3) buffer SpgKSum { float k_sum[]; };      // [B, Hkv, nKB, DP] raw K block sums
-layout(std430, set = 0, binding = 4) buffer SpgKm { float k_mu[]; };         // [B, Hkv, DP] the prediction's K mean
 layout(std430, set = 0, binding = 5) buffer SpgKMean { float k_bmean[]; };   // [B, Hkv, nKB, DP] smoothed K block means
 layout(std430, set = 0, binding = 6) buffer SpgKSim { float k_bsim[]; };     // [B, Hkv, nKB]
 layout(std430, set = 0, binding = 7) buffer SpgQMean { float q_bmean[]; };   // [B, Hq, nQB, DP]
@@ -33,63 +32,8 @@ layout(std430, set = 0, binding = 10) buffer SpgCounts { int lut_counts[]; };
 layout(std430, set = 0, binding = 11) buffer SpgIndices { int lut_indices[]; };
 layout(std430, set = 0, binding = 12) buffer SpgDst { uint16_t perm_dst[]; };
 layout(std430, set = 0, binding = 13) readonly buffer SpgOrder { int perm_order[]; };
+// The pooling buffer (sparge_pool.glsl says what the quantization pass writes there), as floats and as uints.
+layout(std430, set = 0, binding = 19) buffer SpgPool { float spg_pool[]; };
+layout(std430, set = 0, binding = 19) buffer SpgPoolU { uint spg_pool_u[]; };
 
-float load_f32(uint bits, bool bf16) { return bf16 ? uintBitsToFloat(bits << 16) : unpackHalf2x16(bits).x; }
-
-// Subnormal -> zero of the same sign, in integers (cannot be folded or flushed differently).
-float f_ftz(float x) {
-  uint u = floatBitsToUint(x);
-  return (u & 0x7F800000u) == 0u ? uintBitsToFloat(u & 0x80000000u) : x;
-}
-float f_add(float a, float b) { precise float r = a + b; return f_ftz(r); }
-float f_sub(float a, float b) { precise float r = a - b; return f_ftz(r); }
-float f_mul(float a, float b) { precise float r = a * b; return f_ftz(r); }
-
-// 1/sqrt(x), x positive, normal and finite: integer first guess, three Newton steps.
-float f_rsqrt(float x) {
-  float y = uintBitsToFloat(0x5f3759dfu - (floatBitsToUint(x) >> 1));
-  for (int i = 0; i < 3; ++i) {
-    float t = f_mul(f_mul(x, y), y);
-    y = f_mul(y, f_sub(1.5, f_mul(0.5, t)));
-  }
-  return y;
-}
-
-// 2^x for x <= 0: degree-7 Taylor polynomial of 2^f (coefficients as bits) times 2^floor(x) from bits.
-float f_exp2_neg(float x) {
-  if (!(x >= -126.0)) return 0.0;
-  float n = floor(x);
-  float f = f_sub(x, n);
-  const uint coeff[8] = uint[8](0x3f800000u, 0x3f317218u, 0x3e75fdf0u, 0x3d635847u,
-                                0x3c1d955bu, 0x3aaec3ffu, 0x39218489u, 0x377fe5feu);
-  float p = uintBitsToFloat(coeff[7]);
-  for (int k = 6; k >= 0; --k) p = f_add(f_mul(p, f), uintBitsToFloat(coeff[k]));
-  int e = int(n);
-  return f_mul(p, uintBitsToFloat(uint(e + 127) << 23));
-}
-
-// TreeSum (predictor_fp32.hpp): a balanced pairwise tree over `slots` (a power of two) leaves, the pushed values
-// then +0, computed as a binary counter; TREE_LEVELS levels hold up to 2^(TREE_LEVELS - 1) leaves.
-#define TREE_LEVELS 24
-struct Tree {
-  float level[TREE_LEVELS];
-  uint count;
-};
-void tree_reset(inout Tree t) { t.count = 0u; }
-void tree_push(inout Tree t, float v) {
-  uint c = t.count;
-  uint k = 0u;
-  while ((c & 1u) != 0u) {
-    v = f_add(t.level[k], v);
-    c >>= 1u;
-    ++k;
-  }
-  t.level[k] = v;
-  t.count += 1u;
-}
-float tree_total(inout Tree t, uint slots) {
-  while (t.count < slots) tree_push(t, 0.0);
-  return t.level[findMSB(slots)];
-}
-// The smallest power of two >= n (1 for n <= 1).
-uint tree_slots(uint n) { return n <= 1u ? 1u : 1u << uint(findMSB(n - 1u) + 1); }
+{% include "glsl/sparge_arith.glsl" %}
