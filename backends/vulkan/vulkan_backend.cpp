@@ -467,7 +467,7 @@ namespace {
 constexpr int kSpargeMaxKeyBlocks = 1024;  // SLOTS of sparge_select (1 row of 1024 key blocks per workgroup)
 constexpr int kSpargeMaxDim = 256;         // one finalize thread per channel slot, at most 256
 constexpr int kSpargeChunk = 64;           // tokens per pooled chunk (blocks are multiples of it)
-constexpr int64_t kSpargeMaxBlock = int64_t(1) << 22;  // the trees over a block's chunks (TREE_LEVELS)
+constexpr int64_t kSpargeMaxBlock = int64_t(1) << 22;  // chunk trees: 2^16 leaves (sparge_kmean TREE_LEVELS)
 
 // The smallest power of two >= n (1 for n <= 1): the leaves of a tree sum over n values.
 std::uint32_t spg_slots(int64_t n) {
@@ -602,7 +602,10 @@ void VulkanBackend::sparge_record_kmean(const SpargeSetup& s, VkDescriptorSet se
 
 void VulkanBackend::sparge_record_select(const SpargeSetup& s, VkDescriptorSet set) {
   vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
-  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline("sparge_finalize", {s.DP}));
+  // sparge_finalize's chunk counter: log2(chunk leaves of the largest block) + 1 levels
+  std::uint32_t levels = 1;
+  while ((1u << (levels - 1)) < std::max(spg_slots(s.prm.bq), spg_slots(s.prm.bk)) / kSpargeChunk) ++levels;
+  vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline("sparge_finalize", {s.DP, levels}));
   for (std::uint32_t which : {0u, 1u}) {  // Q blocks, smoothed K blocks
     vkCmdPushConstants(cmd_, dev_->pipeline_layout(), VK_SHADER_STAGE_COMPUTE_BIT, 0, 4, &which);
     vkCmdDispatch(cmd_, which ? s.prm.nkb : s.prm.nqb, which ? s.prm.Hkv : s.prm.Hq, s.prm.B);
