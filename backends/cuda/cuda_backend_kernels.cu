@@ -111,14 +111,8 @@ __device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
 // channel the trees over its tokens of v and v/‖v‖; the tile's rows then meet per 64-token chunk in shared memory.
 // Each step is an aligned sub-tree of the specification's trees (the predictor combines the chunks per block).
 
-template <int N>
-constexpr int log2_of() {
-  int k = 0;
-  while ((1 << k) < N) ++k;
-  return k;
-}
-
-// Tree sums over tokens [Lo, Lo + N) of this thread (an aligned power-of-two range) of v and v·inv, per channel.
+// Tree sums over tokens [Lo, Lo + N) of this thread (an aligned power-of-two range) of v and v·inv, per channel
+// (depth first: one value of v per token, and one partial per level, live at a time).
 template <int Lo, int N, typename Values>
 __device__ __forceinline__ void token_trees(const Values& values, float (&sum)[8], float (&unit)[8]) {
   if constexpr (N == 1) {
@@ -153,7 +147,9 @@ __device__ __forceinline__ void pool_tile(const uint4 (&raw)[Iters], int token0,
     unpack8<Bf16>(raw[it], x);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      v[i] = present ? exact::ftz(x[i]) : 0.0f;  // padding rows are +0
+      // The flush on load is the identity for fp16 (never subnormal in fp32): Q skips it; K keeps it (without it
+      // ptxas spilled the D256 K pass).
+      v[i] = present ? (Bf16 || Smooth ? exact::ftz(x[i]) : x[i]) : 0.0f;  // padding rows are +0
       if (Smooth && present) v[i] = exact::fsub(v[i], km[i]);
     }
   };
@@ -192,10 +188,10 @@ __device__ __forceinline__ void pool_tile(const uint4 (&raw)[Iters], int token0,
 
   float sum[8], unit[8];
   token_trees<0, Iters>(
-      [&](int it, float (&s)[8], float (&u)[8]) {
-        value(it, s);
+      [&](int it, float (&v)[8], float (&u)[8]) {
+        value(it, v);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) u[i] = exact::fmul_pool<Bf16>(s[i], inv[it]);
+        for (int i = 0; i < 8; ++i) u[i] = exact::fmul_pool<Bf16>(v[i], inv[it]);
       },
       sum, unit);
   float* part_s = smem;               // [kRows][D]
@@ -324,9 +320,11 @@ __device__ __forceinline__ void load_floats8(const float* at, float (&out)[8]) {
 // The tile's rows are loaded once, all at the start (kIters 16-byte loads in flight per thread, for K and for
 // V), and kept in registers for the group maxima and the quantization. A thread's K rows are consecutive tokens
 // (the pooling's sub-trees, Pool); its V rows are kRows apart (the transposed stores spread over the banks).
-// Pool: stage 1's pooling of K − km (p.pool); with p.k8 null it only pools.
+// Pool: stage 1's pooling of K − km (p.pool); with p.k8 null it only pools. The pass waits on its loads and the
+// pooling lengthens the time between a CTA's loads, so its instantiations are held to 64 registers (4 CTAs per SM)
+// at D <= 128.
 template <bool Bf16, int D, bool Gather, bool Pool>
-__global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessParams p) {
+__global__ void __launch_bounds__(kThreads, Pool && D <= 128 ? 4 : 1) quantize_kv_kernel(const PreprocessParams p) {
   extern __shared__ uint8_t vt[];  // the transposed e4m3 V tile [D][kVtRow]
   __shared__ unsigned amax_bits[8];
   constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kBlockK + kRows - 1) / kRows;
@@ -345,11 +343,13 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
 #pragma unroll
   for (int it = 0; it < kIters; ++it)
     k_raw[it] = present(k_row(it)) ? load_raw8<Gather>(p.k, b, h, token0 + k_row(it), lane_c * 8) : make_uint4(0, 0, 0, 0);
-  if (p.fp8_v) {
+  auto load_v = [&] {
 #pragma unroll
     for (int it = 0; it < kIters; ++it)
       v_raw[it] = present(v_row(it)) ? load_raw8<Gather>(p.v, b, h, token0 + v_row(it), lane_c * 8) : make_uint4(0, 0, 0, 0);
-  }
+  };
+  // With pooling, V's rows are loaded after it (fewer registers live through it: 4 CTAs per SM, not 3).
+  if (p.fp8_v && !Pool) load_v();
   float km[8] = {};
   if (p.smooth_k) load_floats8(p.k_mean + static_cast<int64_t>(bh) * D + lane_c * 8, km);
   if (threadIdx.x < 8) amax_bits[threadIdx.x] = 0u;
@@ -396,6 +396,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
 
   // V: e4m3 of v / v_scale, written transposed with keys permuted inside each 32-key chunk.
   if (!p.fp8_v) return;
+  if (Pool) load_v();
   float vs[8];
   load_floats8(p.v_scale + static_cast<int64_t>(bh) * D + lane_c * 8, vs);
 #pragma unroll
@@ -423,10 +424,17 @@ __global__ void __launch_bounds__(kThreads) quantize_kv_kernel(const PreprocessP
   }
 }
 
+// CTAs per SM that quantize_q must fit when it pools, as quantize_kv: 2 CTAs (fp16 at D128 takes 91 registers
+// unbounded) left the memory idle; 3 fit without spilling (bf16 and D256 would spill).
+template <bool Bf16, int D, bool Pool>
+constexpr int pool_ctas() {
+  return Pool && !Bf16 && D <= 128 ? 3 : 1;
+}
+
 // As quantize_kv: the tile's rows loaded once, at the start, and kept in registers; a thread's rows are
 // consecutive tokens. Pool: stage 1's pooling of Q (p.pool); with p.q8 null it only pools.
 template <bool Bf16, int D, bool Gather, bool Pool>
-__global__ void __launch_bounds__(kThreads) quantize_q_kernel(const PreprocessParams p) {
+__global__ void __launch_bounds__(kThreads, pool_ctas<Bf16, D, Pool>()) quantize_q_kernel(const PreprocessParams p) {
   __shared__ unsigned amax_bits[64];
   constexpr int kTile = kBlockQ;
   constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kTile + kRows - 1) / kRows;
