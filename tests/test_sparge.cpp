@@ -136,6 +136,13 @@ std::vector<float> download(Context& ctx, const Tensor& t) {
   return from_f16(h);
 }
 
+// An F32 tensor (LSE) as it is.
+std::vector<float> floats_of(Context& ctx, const Tensor& t) {
+  std::vector<float> h(static_cast<std::size_t>(t.numel()));
+  ctx.to_host(t, h.data());
+  return h;
+}
+
 // Exact fp64 attention of the fp16-rounded inputs (the harness's oracle).
 std::vector<double> exact_out(const Qkv& x, bool causal = false) {
   test::Case c;
@@ -472,9 +479,11 @@ TEST_CASE("predict_block_mask: its LUT through attention() equals sparge_attenti
     SpargeStats s1, s2;
     BlockMask m = predict_block_mask(ctx, d.q, d.k, opt, per_head, &s1);
     Tensor out2 = ctx.empty(DType::F16, {1, 4, x.N, 64});
-    attention(ctx, d.q, d.k, d.v, out2, opt.attention, &m);
-    sparge_attention(ctx, d.q, d.k, d.v, d.out, opt, per_head, &s2);
+    Tensor lse1 = ctx.empty(DType::F32, {1, 4, x.N}), lse2 = ctx.empty(DType::F32, {1, 4, x.N});
+    attention(ctx, d.q, d.k, d.v, out2, opt.attention, &m, &lse2);
+    sparge_attention(ctx, d.q, d.k, d.v, d.out, opt, per_head, &s2, &lse1);
     CHECK(download(ctx, d.out) == download(ctx, out2));
+    CHECK(floats_of(ctx, lse1) == floats_of(ctx, lse2));
     CHECK(s1.blocks_computed == s2.blocks_computed);
     CHECK(s1.blocks_valid == s2.blocks_valid);
     CHECK(s1.block_sparsity > 0.2);
@@ -1089,18 +1098,24 @@ void check_device_sparge_attention(Context& gpu) {
     SpargeOptions opt;
     if (hilbert) opt.hilbert = TokenGrid{1, H - 1, W};  // the first 47 rows; the last 48 tokens stay in place
     SpargeStats on_device, separate, on_host;
-    sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_device);
+    Tensor lse = gpu.empty(DType::F32, {1, 2, x.N});
+    sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_device, &lse);
     const auto a = download(gpu, d.out);
+    const auto lse_a = floats_of(gpu, lse);
     {  // the device predictor's own passes instead of the attention's preprocessing, where a backend fuses it
       test::ScopedEnv passes("SPARQ_SPARGE_FUSED_PREDICT", "0");
-      sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &separate);
+      sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &separate, &lse);
     }
     const auto c = download(gpu, d.out);
+    const auto lse_c = floats_of(gpu, lse);
     {
       test::ScopedEnv host("SPARQ_SPARGE_PREDICTOR", "host");
-      sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_host);
+      sparge_attention(gpu, d.q, d.k, d.v, d.out, opt, {p}, &on_host, &lse);
     }
     const auto b = download(gpu, d.out);
+    CHECK(lse_a == floats_of(gpu, lse));
+    CHECK(lse_c == lse_a);
+    CHECK(std::all_of(lse_a.begin(), lse_a.end(), [](float e) { return std::isfinite(e); }));
     CHECK(on_device.predicted_on_device);
     CHECK(separate.predicted_on_device);
     CHECK_FALSE(on_host.predicted_on_device);
@@ -1247,8 +1262,10 @@ void check_hilbert_calls(Context& ctx, PVPrecision pv_precision = PVPrecision::A
     Tensor v = upload_as(ctx, x.v, c.B, c.Hkv, N, c.D, c.dtype, c.layout, c.pad);
     const auto q0 = bits_of(ctx, q), k0 = bits_of(ctx, k), v0 = bits_of(ctx, v);
     Tensor out = ctx.empty(c.dtype, oshape);
+    const std::vector<int64_t> lse_shape = {c.B, c.Hq, N};
+    Tensor lse = ctx.empty(DType::F32, lse_shape);
     SpargeStats st;
-    sparge_attention(ctx, q, k, v, out, opt, {p}, &st);
+    sparge_attention(ctx, q, k, v, out, opt, {p}, &st, &lse);
     const auto got = bits_of(ctx, out);
     CHECK(bits_of(ctx, q) == q0);
     CHECK(bits_of(ctx, k) == k0);
@@ -1257,9 +1274,12 @@ void check_hilbert_calls(Context& ctx, PVPrecision pv_precision = PVPrecision::A
     SpargeOptions plain = opt;
     plain.hilbert.reset();
     Tensor want = ctx.empty(c.dtype, oshape);
+    Tensor want_lse = ctx.empty(DType::F32, lse_shape);
+    std::vector<float> lse_want;
     SpargeStats st2;
     if (c.dense && !std::isfinite(c.pv)) {
-      sparge_attention(ctx, q, k, v, want, plain, {p}, &st2);
+      sparge_attention(ctx, q, k, v, want, plain, {p}, &st2, &want_lse);
+      lse_want = floats_of(ctx, want_lse);
     } else {
       const auto order = hilbert_order(c.grid);
       Tensor qh = ctx.empty(c.dtype, q.shape()), kh = ctx.empty(c.dtype, k.shape()), vh = ctx.empty(c.dtype, v.shape());
@@ -1267,10 +1287,16 @@ void check_hilbert_calls(Context& ctx, PVPrecision pv_precision = PVPrecision::A
       permute_tokens(ctx, q, qh, order, c.layout);
       permute_tokens(ctx, k, kh, order, c.layout);
       permute_tokens(ctx, v, vh, order, c.layout);
-      sparge_attention(ctx, qh, kh, vh, oh, plain, {p}, &st2);
+      sparge_attention(ctx, qh, kh, vh, oh, plain, {p}, &st2, &want_lse);
       permute_tokens(ctx, oh, want, inverse_permutation(order), c.layout);
+      // the LSE rows back to their tokens' places by hand
+      const auto h = floats_of(ctx, want_lse);
+      lse_want = h;
+      for (std::size_t bh = 0; bh < static_cast<std::size_t>(c.B) * c.Hq; ++bh)
+        for (std::size_t i = 0; i < order.size(); ++i) lse_want[bh * N + std::size_t(order[i])] = h[bh * N + i];
     }
     CHECK(got == bits_of(ctx, want));
+    CHECK(floats_of(ctx, lse) == lse_want);
     CHECK(st.blocks_computed == st2.blocks_computed);
     CHECK(st.pv_skipped == st2.pv_skipped);
     CHECK(st.pv_total == st2.pv_total);

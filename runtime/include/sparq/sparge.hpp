@@ -66,9 +66,11 @@ struct SpargeStats {
 // for every head. On error nothing is written. Every backend runs stage 2 (a finite pvthreshd); stage 1 (the
 // predictor) runs on the device where the backend has one (Vulkan, CUDA; SPARQ_SPARGE_PREDICTOR=host keeps it
 // on the host), else on the host, reading q and k back from the device; both give the same LUT bit for bit.
+// lse (optional): F32 [B, Hq, Nq] as attention()'s, of the computed blocks, each row at its token's place
+// (also with options.hilbert).
 void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                       const SpargeOptions& options, const std::vector<SpargeParams>& per_head,
-                      SpargeStats* stats = nullptr);
+                      SpargeStats* stats = nullptr, Tensor* lse = nullptr);
 
 // Stage 1 alone: the LUT mask (counts [B,Hq,nQB], ascending indices [B,Hq,nQB,nKB], blocks
 // options.block_q x options.block_k) of q and k as given (options.hilbert is not applied). Each query head

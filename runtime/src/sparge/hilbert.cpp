@@ -196,7 +196,8 @@ struct Cache : detail::RuntimeCache {
   // Most recently used first. A model sees few grids (one per resolution); 8 covers alternating between them.
   static constexpr std::size_t kGrids = 8;
   std::vector<std::shared_ptr<const GridOrder>> grids;
-  std::array<Tensor, 6> slots;  // indexed by Scratch
+  std::array<Tensor, 7> slots;  // indexed by Scratch
+  static_assert(static_cast<std::size_t>(Scratch::Indices) + 1 == 7, "one slot per Scratch");
 };
 
 Cache& cache_of(Context& ctx) {

@@ -38,8 +38,8 @@ std::vector<SpargeParams> resolve_params(const std::vector<SpargeParams>& per_he
 void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
                            const AttentionOptions& options, const BlockMask* mask,
                            const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats,
-                           const Tensor* token_order, const detail::SpargePredictProblem* predict) {
-  detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options, mask, nullptr);
+                           const Tensor* token_order, const detail::SpargePredictProblem* predict, Tensor* lse) {
+  detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options, mask, lse);
   if (token_order) set_token_order(p, *token_order);
   p.predict = predict;
   if (!pv_threshold.empty() && !ctx.impl().supports_pv_skip())
@@ -205,11 +205,12 @@ BlockMask predict_block_mask(Context& ctx, const Tensor& q, const Tensor& k, con
 }
 
 void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
-                      const SpargeOptions& options, const std::vector<SpargeParams>& per_head, SpargeStats* stats) {
+                      const SpargeOptions& options, const std::vector<SpargeParams>& per_head, SpargeStats* stats,
+                      Tensor* lse) {
   const char* what = "sparge_attention";
   sparge::check_blocks(ctx, options, what);
   // Every argument of the dense problem first (nothing is written on error).
-  detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options.attention, nullptr, nullptr);
+  detail::AttentionProblem p = detail::make_problem(ctx, q, k, v, out, options.attention, nullptr, lse);
   std::vector<SpargeParams> params = sparge::resolve_params(per_head, p.heads_q, what);
   const Layout layout = options.attention.layout;
 
@@ -228,6 +229,7 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   // nothing and does not wait for the device between the permutations.
   std::shared_ptr<const sparge::GridOrder> order;
   Tensor qp = q, kp = k, vp = v, outp = out;
+  Tensor lsep = lse ? *lse : Tensor();
   const bool permute = options.hilbert && !(all_dense && lambda.empty());
   // Where the backend reads and writes through the order itself (the CUDA preprocessing, predictor and output
   // epilogue), no copies are made: the same arithmetic on the same rows, without three passes over q, k, v
@@ -256,6 +258,7 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
     kp = sparge::scratch(ctx, sparge::Scratch::K, k.dtype(), k.shape());
     vp = sparge::scratch(ctx, sparge::Scratch::V, v.dtype(), v.shape());
     outp = sparge::scratch(ctx, sparge::Scratch::Out, out.dtype(), out.shape());
+    if (lse) lsep = sparge::scratch(ctx, sparge::Scratch::Lse, DType::F32, lse->shape());
     sparge::permute_pairs(ctx, {{q, qp}, {k, kp}, {v, vp}}, order->order, &order->order_device, layout);
   }
 
@@ -295,11 +298,21 @@ void sparge_attention(Context& ctx, const Tensor& q, const Tensor& k, const Tens
   detail::AttentionProblem::Stats backend_stats;
   sparge::attention_with_stage2(ctx, qp, kp, vp, outp, options.attention, mask ? &*mask : nullptr, lambda,
                                 stats && !lambda.empty() ? &backend_stats : nullptr,
-                                fused ? &order->order_device : nullptr, in_attention ? &in_attention->sp : nullptr);
+                                fused ? &order->order_device : nullptr, in_attention ? &in_attention->sp : nullptr,
+                                lse ? &lsep : nullptr);
   if (in_attention)
     sparge::describe_device_lut(ctx, *in_attention, sparge::valid_blocks(geometry), stats != nullptr, lut);
 
-  if (permute && !fused) sparge::permute_pairs(ctx, {{outp, out}}, order->inverse, &order->inverse_device, layout);
+  if (permute && !fused) {
+    sparge::permute_pairs(ctx, {{outp, out}}, order->inverse, &order->inverse_device, layout);
+    if (lse) {  // [B, Hq, N] (whatever the layout) as rows of one element: [B, Hq, N, 1]
+      auto rows = [](const Tensor& t) {
+        const auto& st = t.strides();
+        return t.view({t.shape()[0], t.shape()[1], t.shape()[2], 1}, {st[0], st[1], st[2], 1});
+      };
+      sparge::permute_pairs(ctx, {{rows(lsep), rows(*lse)}}, order->inverse, &order->inverse_device, Layout::HND);
+    }
+  }
   if (stats) {
     *stats = SpargeStats{};
     stats->blocks_valid = lut.valid;

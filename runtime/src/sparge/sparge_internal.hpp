@@ -123,7 +123,7 @@ struct GridOrder {
 std::shared_ptr<const GridOrder> grid_order(Context& ctx, const TokenGrid& grid);
 
 // Grow-only scratch of the context: one buffer per slot, reused by every call.
-enum class Scratch { Q, K, V, Out, Counts, Indices };
+enum class Scratch { Q, K, V, Out, Lse, Counts, Indices };
 // A contiguous tensor of `dtype` and `shape` in the slot's buffer (its contents are whatever the last user left),
 // which grows when it is too small (or holds another dtype). Valid until the next scratch() of the same slot;
 // work queued on it is ordered before later work of the context (one stream / queue), so reuse is safe.
@@ -143,7 +143,7 @@ void attention_with_stage2(Context& ctx, const Tensor& q, const Tensor& k, const
                            const AttentionOptions& options, const BlockMask* mask,
                            const std::vector<float>& pv_threshold, detail::AttentionProblem::Stats* stats,
                            const Tensor* token_order = nullptr,
-                           const detail::SpargePredictProblem* predict = nullptr);
+                           const detail::SpargePredictProblem* predict = nullptr, Tensor* lse = nullptr);
 // Sets p.token_order to a contiguous I32 tensor of the context's backend.
 inline void set_token_order(detail::AttentionProblem& p, const Tensor& order) {
   p.token_order.storage = order.storage();
