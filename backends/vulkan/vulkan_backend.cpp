@@ -597,7 +597,7 @@ void VulkanBackend::sparge_record_params(const SpargeSetup& s) {
 void VulkanBackend::sparge_record_kmean(const SpargeSetup& s, VkDescriptorSet set) {
   vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline_layout(), 0, 1, &set, 0, nullptr);
   vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, dev_->pipeline("sparge_kmean", {}));
-  vkCmdDispatch(cmd_, (s.DP + 63) / 64, s.prm.Hkv, s.prm.B);
+  vkCmdDispatch(cmd_, (s.DP + 31) / 32, s.prm.Hkv, s.prm.B);
 }
 
 void VulkanBackend::sparge_record_select(const SpargeSetup& s, VkDescriptorSet set) {
@@ -906,7 +906,7 @@ void VulkanBackend::attention(const AttentionProblem& p) {
   };
   if (smooth) {
     vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, kmean);
-    vkCmdDispatch(cmd_, (D + 63) / 64, p.heads_kv, p.batch);
+    vkCmdDispatch(cmd_, (D + 15) / 16, p.heads_kv, p.batch);
   }
   if (sp) quant_pass(pool_raw, 1, spg.pool.nkc);  // stage 1's raw K chunks (beside the smoothing mean)
   if (smooth || sp) barrier_compute_to_compute();
