@@ -136,6 +136,13 @@ std::vector<float> download(Context& ctx, const Tensor& t) {
   return from_f16(h);
 }
 
+// A 16-bit tensor's bits.
+std::vector<uint16_t> bits_of(Context& ctx, const Tensor& t) {
+  std::vector<uint16_t> b(static_cast<std::size_t>(t.numel()));
+  ctx.to_host(t, b.data());
+  return b;
+}
+
 // An F32 tensor (LSE) as it is.
 std::vector<float> floats_of(Context& ctx, const Tensor& t) {
   std::vector<float> h(static_cast<std::size_t>(t.numel()));
@@ -1082,6 +1089,22 @@ void check_device_predictor(Context& gpu) {
     CHECK(lg.indices == lr.indices);
     CHECK(sg.blocks_computed == sr.blocks_computed);
     CHECK(sg.blocks_valid == sr.blocks_valid);
+
+    // The same prediction inside sparge_attention (fused into the attention's quantization passes where the
+    // backend does that) against the separate passes: the same blocks and output, bit for bit (k serves as v).
+    const std::vector<int64_t> oshape = c.layout == Layout::HND ? std::vector<int64_t>{c.B, c.Hq, c.Nq, c.D}
+                                                                : std::vector<int64_t>{c.B, c.Nq, c.Hq, c.D};
+    Tensor out = gpu.empty(dtype, oshape);
+    SpargeStats fused, separate;
+    sparge_attention(gpu, gq, gk, gk, out, opt, c.params, &fused);
+    const auto fused_bits = bits_of(gpu, out);
+    {
+      test::ScopedEnv passes("SPARQ_SPARGE_FUSED_PREDICT", "0");
+      sparge_attention(gpu, gq, gk, gk, out, opt, c.params, &separate);
+    }
+    CHECK(fused.blocks_computed == sr.blocks_computed);
+    CHECK(separate.blocks_computed == sr.blocks_computed);
+    CHECK(fused_bits == bits_of(gpu, out));
   }
 }
 
@@ -1203,12 +1226,6 @@ struct HilbertCall {
   float pv;  // pvthreshd (inf: no stage 2)
   bool dense = false;
 };
-
-std::vector<uint16_t> bits_of(Context& ctx, const Tensor& t) {
-  std::vector<uint16_t> b(static_cast<std::size_t>(t.numel()));
-  ctx.to_host(t, b.data());
-  return b;
-}
 
 void check_hilbert_calls(Context& ctx, PVPrecision pv_precision = PVPrecision::Auto) {
   const float inf = std::numeric_limits<float>::infinity();
