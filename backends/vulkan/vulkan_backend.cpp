@@ -875,8 +875,14 @@ void VulkanBackend::attention(const AttentionProblem& p) {
   // quant: dtype, fp16 Q·Kᵀ, order, then (stage 1) POOL, QUANT, DP and 16-byte row loads for the pooling.
   const std::uint32_t pool = sp ? 1 : 0, DP = sp ? spg.DP : 8;
   const VkBool32 q_vec = sp && rows_aligned(prm.q_off, p.q, D), k_vec = sp && rows_aligned(prm.k_off, p.k, D);
-  VkPipeline quant_q = dev_->pipeline("quant", {b_in, b_fp16, b_gather, pool, 1, DP, q_vec});
-  VkPipeline quant_k = dev_->pipeline("quant", {b_in, b_fp16, b_gather, pool, 1, DP, k_vec});
+  // FUSE: the quantization takes its group maxima (2: and with one chunk per span its values) from the rows the
+  // pooling loaded: INT8, whole chunks per span, 1 or 8 groups per span.
+  auto fuse = [&](std::uint32_t span, std::uint32_t inner) -> std::uint32_t {
+    if (!sp || !int8 || span % kSpargeChunk != 0 || (inner != 1 && inner != 8)) return 0;
+    return span == kSpargeChunk ? 2 : 1;
+  };
+  VkPipeline quant_q = dev_->pipeline("quant", {b_in, b_fp16, b_gather, pool, 1, DP, q_vec, fuse(q_span, q_inner)});
+  VkPipeline quant_k = dev_->pipeline("quant", {b_in, b_fp16, b_gather, pool, 1, DP, k_vec, fuse(k_span, k_inner)});
   VkPipeline pool_raw =
       sp ? dev_->pipeline("quant", {b_in, 0, b_gather, 2, 0, DP, k_vec}) : VK_NULL_HANDLE;
   VkPipeline attn = dev_->pipeline(kernel, {b_in, b_out, b_fp16, b_causal, b_gather});

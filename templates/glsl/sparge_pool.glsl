@@ -38,6 +38,7 @@ layout(std430, set = 0, binding = 2) readonly buffer KIn4 { uvec4 k_in4[]; };
 
 const uint PG = DP / 8u;       // G: threads (items) per token row
 const uint POOL_ITEMS = 8u * PG;
+const uint POOL_PER = (POOL_ITEMS + 127u) / 128u;  // items per thread (1, or 2 when DP = 256)
 
 shared float part_n[64u * (PG + 1u)];  // [token][cg]: channel sub-trees of n² (stride G + 1: no bank conflicts)
 shared float part_s[8u * DP];          // [token group][slot]: 8-token sub-trees of v
@@ -114,9 +115,71 @@ float pool_value1(uint word, bool hi, bool smooth_it, float k) {
   return smooth_it ? p_sub(x, k) : x;
 }
 
+// The quantization fused into the pooling (quant.comp.j2's FUSE): the group maxima from the rows the pooling
+// loaded (pass 1 of quant.comp.j2) and, with `store`, the INT8 values from them (its pass 2).
+struct QuantCtx {
+  bool on, inner8, store, smooth_it;  // inner8: 8 groups per span (group of token t: t % 8), else 1
+  uint km_base, out_row;              // the kernel's smoothing mean row; ((b·H + h)·N): the output rows
+};
+// The kernel's smoothing mean of the item's 8 channels (0 where not smoothed or past D).
+void quant_kmean8(QuantCtx qc, uint cg, out float kq[8]) {
+  [[unroll]] for (uint e = 0u; e < 8u; ++e) kq[e] = qc.smooth_it && cg * 8u + e < P.D ? k_mean[qc.km_base + cg * 8u + e] : 0.0;
+}
+// Group maxima of an item's 8 tokens (from token t8) x 8 channels, into group_amax.
+void quant_amax(QuantCtx qc, uvec4 words[8], uint t8, uint cg, uint N) {
+  float kq[8];
+  quant_kmean8(qc, cg, kq);
+  float gmax = 0.0;
+  [[unroll]] for (uint r = 0u; r < 8u; ++r) {
+    float m = 0.0;
+    if (t8 + r < N) {
+      [[unroll]] for (uint e = 0u; e < 8u; ++e) {
+        if (cg * 8u + e < P.D) {
+          uint word = words[r][e / 2u];
+          float x = to_f32((e & 1u) != 0u ? word >> 16u : word & 0xffffu, IN_BF16);
+          if (qc.smooth_it) x -= kq[e];
+          m = max(m, abs(x));
+        }
+      }
+    }
+    if (qc.inner8) atomicMax(group_amax[r], floatBitsToUint(m));
+    else gmax = max(gmax, m);
+  }
+  if (!qc.inner8) atomicMax(group_amax[0], floatBitsToUint(gmax));
+}
+// The INT8 values of an item's 8 tokens (from token t8) x 8 channels (the group maxima complete), four channels
+// packed per word: pass 2 of quant.comp.j2, element by element the same arithmetic.
+void quant_item(bool is_k, QuantCtx qc, uvec4 words[8], uint t8, uint cg, uint N) {
+  uint W = P.D / 4u;
+  float kq[8];
+  quant_kmean8(qc, cg, kq);
+  [[unroll]] for (uint r = 0u; r < 8u; ++r) {
+    if (t8 + r < N) {
+      float step = div_rn(uintBitsToFloat(group_amax[qc.inner8 ? r : 0u]), 127.0);
+      [[unroll]] for (uint j = 0u; j < 2u; ++j) {
+        uint w = cg * 2u + j;
+        if (w < W) {
+          uint packed = 0u;
+          [[unroll]] for (uint e = 0u; e < 4u; ++e) {
+            uint word = words[r][2u * j + e / 2u];
+            float x = to_f32((e & 1u) != 0u ? word >> 16u : word & 0xffffu, IN_BF16);
+            if (qc.smooth_it) x -= kq[4u * j + e];
+            int x8 = 0;
+            if (step > 0.0) x8 = int(clamp(roundEven(div_rn(x, step)), -127.0, 127.0));
+            packed |= (uint(x8) & 0xFFu) << (8u * e);
+          }
+          uint dst = (qc.out_row + t8 + r) * W + w;
+          if (is_k) k8[dst] = packed;
+          else q8[dst] = packed;
+        }
+      }
+    }
+  }
+}
+
 // Pools chunk `chunk` (tokens [64·chunk, 64·chunk + 64) ∩ [0, N)) of head h of batch b. `in_base`, `st`: the
 // operand's row base and token stride. Every thread of the workgroup calls it (it has barriers).
-void pool_chunk(bool is_k, uint chunk, uint N, uint H, uint h, uint b, uint in_base, uint st) {
+void pool_chunk(bool is_k, uint chunk, uint N, uint H, uint h, uint b, uint in_base, uint st, QuantCtx qc) {
   uint tid = gl_LocalInvocationID.x;
   bool raw = POOL == 2u;
   bool smoothed = is_k && !raw;
@@ -125,10 +188,10 @@ void pool_chunk(bool is_k, uint chunk, uint N, uint H, uint h, uint b, uint in_b
   uint row = (b * H + h) * nchunks + chunk;  // this chunk's row of the region
 
   // Loads (registers, kept for both phases) and the squares' channel sub-trees.
-  uvec4 words[2][8];
-  float km[2][8];
+  uvec4 words[POOL_PER][8];
+  float km[POOL_PER][8];
   if (tid == 0u) chunk_flags = 0u;
-  [[unroll]] for (uint i = 0u; i < 2u; ++i) {
+  [[unroll]] for (uint i = 0u; i < POOL_PER; ++i) {
     uint item = tid + 128u * i;
     if (item < POOL_ITEMS) {
       uint tg = item / PG, cg = item % PG;
@@ -138,6 +201,7 @@ void pool_chunk(bool is_k, uint chunk, uint N, uint H, uint h, uint b, uint in_b
         uint t = c0 + tg * 8u + r;
         words[i][r] = t < N ? pool_load8(is_k, in_base + token_row(t, GATHER) * st, cg * 8u) : uvec4(0u);
       }
+      if (qc.on) quant_amax(qc, words[i], c0 + tg * 8u, cg, N);
       if (!raw) {
         [[unroll]] for (uint r = 0u; r < 8u; ++r) {
           bool valid = c0 + tg * 8u + r < N;
@@ -172,7 +236,7 @@ void pool_chunk(bool is_k, uint chunk, uint N, uint H, uint h, uint b, uint in_b
   barrier();
   // Token sums: per item, one channel at a time (fewer live registers), the sub-trees of its 8 tokens. The
   // slot of channel 8·cg + i is i·G + cg, so the slot threads below read consecutive words.
-  [[unroll]] for (uint i = 0u; i < 2u; ++i) {
+  [[unroll]] for (uint i = 0u; i < POOL_PER; ++i) {
     uint item = tid + 128u * i;
     if (item < POOL_ITEMS) {
       uint tg = item / PG, cg = item % PG;
@@ -205,5 +269,13 @@ void pool_chunk(bool is_k, uint chunk, uint N, uint H, uint h, uint b, uint in_b
     }
   }
   if (!raw && tid == 0u) spg_pool_u[(is_k ? P.pool_kf : P.pool_qf) + row] = chunk_flags;
+  // The quantization of a span of one chunk, from the rows still in registers (the group maxima are complete:
+  // every atomicMax came before the first barrier).
+  if (qc.store) {
+    [[unroll]] for (uint i = 0u; i < POOL_PER; ++i) {
+      uint item = tid + 128u * i;
+      if (item < POOL_ITEMS) quant_item(is_k, qc, words[i], c0 + (item / PG) * 8u, item % PG, N);
+    }
+  }
   barrier();  // the next chunk (or the quantization) reuses the shared arrays and chunk_flags
 }
