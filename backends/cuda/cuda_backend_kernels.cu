@@ -425,16 +425,18 @@ __global__ void __launch_bounds__(kThreads, Pool && D <= 128 ? 4 : 1) quantize_k
 }
 
 // CTAs per SM that quantize_q must fit when it pools, as quantize_kv: 2 CTAs (fp16 at D128 takes 91 registers
-// unbounded) left the memory idle; 3 fit without spilling (bf16 and D256 would spill).
+// unbounded) left the memory idle; 3 fit without spilling (bf16 and D256 would spill). (4 CTAs without pooling,
+// 64 registers, took the plain pass from 458 to 418 us at D128 N16K but made the division slowpath spill, and the
+// end-to-end time did not move: not kept.)
 template <bool Bf16, int D, bool Pool>
-constexpr int pool_ctas() {
+constexpr int quantize_q_ctas() {
   return Pool && !Bf16 && D <= 128 ? 3 : 1;
 }
 
 // As quantize_kv: the tile's rows loaded once, at the start, and kept in registers; a thread's rows are
 // consecutive tokens. Pool: stage 1's pooling of Q (p.pool); with p.q8 null it only pools.
 template <bool Bf16, int D, bool Gather, bool Pool>
-__global__ void __launch_bounds__(kThreads, pool_ctas<Bf16, D, Pool>()) quantize_q_kernel(const PreprocessParams p) {
+__global__ void __launch_bounds__(kThreads, quantize_q_ctas<Bf16, D, Pool>()) quantize_q_kernel(const PreprocessParams p) {
   __shared__ unsigned amax_bits[64];
   constexpr int kTile = kBlockQ;
   constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kTile + kRows - 1) / kRows;
