@@ -26,7 +26,7 @@ struct SpargePredictParams {
   bool causal = false, sink = false, diagonal = true;
   float scale_log2 = 0, inv_tokens_k = 0, inv_block_q = 0, inv_tail_q = 0, inv_block_k = 0, inv_tail_k = 0;
   const float* head = nullptr;  // device [Hq][4]: θ, τ, top-k, dense (0/1)
-  // Workspace (sparge_workspace_bytes, carved by launch_sparge_predict).
+  // Workspace (sparge_workspace_bytes; its parts are carved by the launch functions below).
   void* workspace = nullptr;
   int32_t* counts = nullptr;   // [B, Hq, nQB]
   int32_t* indices = nullptr;  // [B, Hq, nQB, nKB]
