@@ -333,8 +333,8 @@ cuda::SpargePredictParams CudaBackend::prepare_sparge(const SpargePredictProblem
   return c;
 }
 
-// Stage 1 without attention: the same passes as inside attention() (the K mean, the quantization passes, which
-// here only pool, and the selection), so that there is one implementation of the pooling.
+// Stage 1 without attention: the same passes as inside attention() (the K statistics and quantization passes,
+// which here only sum and pool, and the selection), so that there is one implementation of the pooling.
 bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
   if (!fuses_sparge_predict(sp)) return false;
   DeviceGuard guard(device_);
@@ -354,12 +354,11 @@ bool CudaBackend::sparge_predict(const SpargePredictProblem& sp) {
   pre.in_bf16 = c.in_bf16;
   pre.batch = sp.batch, pre.heads_q = sp.heads_q, pre.heads_kv = sp.heads_kv;
   pre.tokens_q = sp.tokens_q, pre.tokens_k = sp.tokens_k, pre.head_dim = sp.head_dim;
-  pre.smooth_k = false;  // no K statistics, no quantized writes (q8, k8 null): pooling only
+  pre.smooth_k = false;  // no K statistics, no quantized writes (q8, k8 null): raw K sums and pooling only
   pre.fp8_v = false;
+  pre.splits = cuda::stats_splits(sp.tokens_k);
   pre.pool = cuda::sparge_pool_chunks(c);
   if (profiling_) check(cudaEventRecord(events_[0], stream_), "cudaEventRecord");
-  if (const int e = cuda::launch_sparge_kmean(c, stream_); e != 0)
-    cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn K mean");
   if (const int e = cuda::launch_preprocess(pre, stream_); e != 0)
     cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn pooling passes");
   if (const int e = cuda::launch_sparge_select(c, stream_); e != 0)
@@ -605,7 +604,7 @@ void CudaBackend::attention(const AttentionProblem& p) {
     }
   }
 
-  // Stage 1 fused (AttentionProblem::predict): the K mean before the preprocessing, which pools Q and K as it
+  // Stage 1 fused (AttentionProblem::predict): the preprocessing also sums raw K and pools Q and K as it
   // quantizes them, and the selection after it writes the LUT that the mask fields name.
   std::optional<cuda::SpargePredictParams> predict;
   if (p.predict) {
@@ -616,10 +615,6 @@ void CudaBackend::attention(const AttentionProblem& p) {
   }
 
   if (profiling_) check(cudaEventRecord(events_[0], stream_), "cudaEventRecord");
-  if (predict) {
-    if (const int e = cuda::launch_sparge_kmean(*predict, stream_); e != 0)
-      cuda_fail(static_cast<cudaError_t>(e), "launching the SpargeAttn K mean");
-  }
   if (!v_in_place && Nk > 0 && token_order) {
     cuda::PermuteParams c;  // V rows in token order, contiguous
     c.src.data = v_ptr;

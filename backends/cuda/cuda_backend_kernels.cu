@@ -226,64 +226,109 @@ __device__ __forceinline__ void pool_tile(const uint4 (&raw)[Iters], int token0,
 // stores of the 16 channel groups of a token land in different banks (a 64-byte stride put them all in one).
 constexpr int kVtRow = kBlockK + 4;
 
-template <bool Bf16, bool Gather>
+// The tokens of each K/V statistics split: whole 64-token chunks (stage 1's raw K sums never straddle two); the
+// last split may be shorter or empty.
+__host__ __device__ inline int split_tokens(int tokens_k, int splits) {
+  const int per_split = (tokens_k + splits - 1) / splits;
+  return (per_split + kPoolChunk - 1) / kPoolChunk * kPoolChunk;
+}
+
+// Per (batch, kv head, split of whole 64-token chunks): channel sums of K and channel maxima of |V|. A step
+// covers kStepTokens tokens; thread row lane_r holds kT consecutive ones, [lane_r·kT, +kT), all their loads
+// issued first. Pool: also stage 1's raw K chunk sums (SpargePoolChunks::k_raw) in the exact arithmetic: the
+// thread's tree over its kT tokens, then per chunk the tree over its threads' sub-trees through shared memory.
+// The plain sums follow the same token order with and without it, so the kernel's K mean does not depend on
+// whether the call predicts.
+template <bool Bf16, int D, bool Gather, bool Pool>
 __global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessParams p) {
   extern __shared__ float stats_smem[];  // [rows][D] sums, then [rows][D] maxima
-  const int D = p.head_dim, lanes = D / 8, rows = kThreads / lanes;
+  constexpr int kLanes = D / 8, kRows = kThreads / kLanes;
+  constexpr int kT = kRows * 4 >= kPoolChunk ? 4 : kPoolChunk / kRows;  // tokens per thread per step
+  constexpr int kStepTokens = kT * kRows;                                // whole chunks
+  constexpr int kRowsPerChunk = kPoolChunk / kT;
+  __shared__ float part[Pool ? kRows * D : 1];
   const int bh = blockIdx.y, b = bh / p.heads_kv, h = bh % p.heads_kv;
   const int split = blockIdx.x;
-  const int per_split = (p.tokens_k + p.splits - 1) / p.splits;
+  const int per_split = split_tokens(p.tokens_k, p.splits);
   const int begin = split * per_split, end = min(p.tokens_k, begin + per_split);
-  const int lane_c = threadIdx.x % lanes, lane_r = threadIdx.x / lanes;
+  const int lane_c = threadIdx.x % kLanes, lane_r = threadIdx.x / kLanes;
+  const bool want_k = p.smooth_k || Pool;
   float sum[8] = {}, vmax[8] = {};
-  if (lane_r < rows) {
-    auto add_token = [&](const uint4& k_raw, const uint4& v_raw) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int step = begin; step < end; step += kStepTokens) {
+    const int first = step + lane_r * kT;
+    uint4 k_raw[kT], v_raw[kT];
+#pragma unroll
+    for (int u = 0; u < kT; ++u) {
+      const bool in = first + u < end;
+      k_raw[u] = want_k && in ? load_raw8<Gather>(p.k, b, h, first + u, lane_c * 8) : zero;
+      v_raw[u] = p.fp8_v && in ? load_raw8<Gather>(p.v, b, h, first + u, lane_c * 8) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kT; ++u) {
+      if (first + u >= end) continue;
       float x[8];
       if (p.smooth_k) {
-        unpack8<Bf16>(k_raw, x);
+        unpack8<Bf16>(k_raw[u], x);
 #pragma unroll
         for (int i = 0; i < 8; ++i) sum[i] += x[i];
       }
       if (p.fp8_v) {
-        unpack8<Bf16>(v_raw, x);
+        unpack8<Bf16>(v_raw[u], x);
 #pragma unroll
         for (int i = 0; i < 8; ++i) vmax[i] = fmaxf(vmax[i], fabsf(x[i]));
       }
-    };
-    // kStep tokens per step with all their loads issued first (no early exit inside, so they stay in flight
-    // together), then the remaining tokens one by one; the sums keep the token order.
-    constexpr int kStep = 4;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    int token = begin + lane_r;
-    for (; token + (kStep - 1) * rows < end; token += kStep * rows) {
-      uint4 k_raw[kStep], v_raw[kStep];
+    }
+    if constexpr (Pool) {
+      float t[kT][8];  // flushed K values; the tokens past the split are +0
 #pragma unroll
-      for (int u = 0; u < kStep; ++u) {
-        k_raw[u] = p.smooth_k ? load_raw8<Gather>(p.k, b, h, token + u * rows, lane_c * 8) : zero;
-        v_raw[u] = p.fp8_v ? load_raw8<Gather>(p.v, b, h, token + u * rows, lane_c * 8) : zero;
+      for (int u = 0; u < kT; ++u) {
+        unpack8<Bf16>(k_raw[u], t[u]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) t[u][i] = exact::ftz(t[u][i]);
       }
 #pragma unroll
-      for (int u = 0; u < kStep; ++u) add_token(k_raw[u], v_raw[u]);
-    }
-    for (; token < end; token += rows) {
-      const uint4 k_raw = p.smooth_k ? load_raw8<Gather>(p.k, b, h, token, lane_c * 8) : zero;
-      const uint4 v_raw = p.fp8_v ? load_raw8<Gather>(p.v, b, h, token, lane_c * 8) : zero;
-      add_token(k_raw, v_raw);
-    }
-    float* sums = stats_smem;
-    float* maxs = stats_smem + rows * D;
+      for (int w = 1; w < kT; w *= 2)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      sums[lane_r * D + lane_c * 8 + i] = sum[i];
-      maxs[lane_r * D + lane_c * 8 + i] = vmax[i];
+        for (int u = 0; u < kT; u += 2 * w)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) t[u][i] = exact::fadd(t[u][i], t[u + w][i]);
+#pragma unroll
+      for (int i = 0; i < 8; i += 4)
+        *reinterpret_cast<float4*>(part + lane_r * D + lane_c * 8 + i) =
+            make_float4(t[0][i], t[0][i + 1], t[0][i + 2], t[0][i + 3]);
+      __syncthreads();
+      const int chunks = (p.tokens_k + kPoolChunk - 1) / kPoolChunk;
+      for (int task = threadIdx.x; task < (kStepTokens / kPoolChunk) * D; task += kThreads) {
+        const int c = task % D, in_step = task / D;
+        const int chunk = step / kPoolChunk + in_step;
+        float v[kRowsPerChunk];
+#pragma unroll
+        for (int r = 0; r < kRowsPerChunk; ++r) v[r] = part[(in_step * kRowsPerChunk + r) * D + c];
+#pragma unroll
+        for (int w = 1; w < kRowsPerChunk; w *= 2)
+#pragma unroll
+          for (int r = 0; r < kRowsPerChunk; r += 2 * w) v[r] = exact::fadd(v[r], v[r + w]);
+        if (chunk * kPoolChunk < end)
+          p.pool.k_raw[(static_cast<int64_t>(bh) * chunks + chunk) * D + c] = v[0];
+      }
+      __syncthreads();
     }
+  }
+  if (!p.smooth_k && !p.fp8_v) return;  // stage 1's raw K sums only (a prediction without attention)
+  float* sums = stats_smem;
+  float* maxs = stats_smem + kRows * D;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    sums[lane_r * D + lane_c * 8 + i] = sum[i];
+    maxs[lane_r * D + lane_c * 8 + i] = vmax[i];
   }
   __syncthreads();
   for (int c = threadIdx.x; c < D; c += kThreads) {
     float s = 0.0f, m = 0.0f;
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       s += stats_smem[r * D + c];
-      m = fmaxf(m, stats_smem[rows * D + r * D + c]);
+      m = fmaxf(m, stats_smem[kRows * D + r * D + c]);
     }
     const int64_t at = (static_cast<int64_t>(bh) * p.splits + split) * D + c;
     p.partial_sum[at] = s;
@@ -292,7 +337,9 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(const PreprocessPara
 }
 
 // Per (batch, kv head): the K channel means (the kv_stats partial sums in split order, then / Nk) and the V
-// channel scales max|V| / 448, once, so that each quantization CTA reads D floats instead of every split.
+// channel scales max|V| / 448, once, so that each quantization CTA reads D floats instead of every split; and
+// with stage 1 (pool.k_raw) the prediction's K mean (docs/SPARGE.md): the tree over each key block's chunk slots,
+// then over the blocks' slots, which is one balanced tree over (block, chunk slot) leaves in order, times 1/Nk.
 __global__ void kv_finalize_kernel(const PreprocessParams p) {
   const int bh = blockIdx.x, D = p.head_dim;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
@@ -307,6 +354,39 @@ __global__ void kv_finalize_kernel(const PreprocessParams p) {
       float m = 0.0f;
       for (int i = 0; i < p.splits; ++i) m = fmaxf(m, maxs[static_cast<int64_t>(i) * D]);
       p.v_scale[static_cast<int64_t>(bh) * D + c] = m / 448.0f;
+    }
+    if (p.pool.k_raw) {
+      const SpargePoolChunks& q = p.pool;
+      const int chunks = (p.tokens_k + kPoolChunk - 1) / kPoolChunk, per_block = q.block_k / kPoolChunk;
+      int chunk_slots = 1;  // the block's token slots (the next power of two >= block_k, at least 64) / 64
+      while (chunk_slots * kPoolChunk < q.block_k) chunk_slots *= 2;
+      int block_slots = 1;
+      while (block_slots < q.blocks_k) block_slots *= 2;
+      const int leaves = chunk_slots * block_slots;
+      const float* raw = q.k_raw + static_cast<int64_t>(bh) * chunks * D + c;
+      auto leaf = [&](int i) {
+        const int j = i / chunk_slots, slot = i % chunk_slots, chunk = j * per_block + slot;
+        return j < q.blocks_k && slot < per_block && chunk < chunks ? raw[static_cast<int64_t>(chunk) * D] : 0.0f;
+      };
+      float total;
+      if (leaves >= 8) {
+        // aligned groups of 8 leaves are sub-trees: their loads go out together
+        exact::TreeCounter<20> groups;
+        for (int i = 0; i < leaves; i += 8) {
+          float v[8];
+#pragma unroll
+          for (int r = 0; r < 8; ++r) v[r] = leaf(i + r);
+          groups.push(exact::tree8(v));
+        }
+        total = groups.total(leaves / 8);
+      } else {
+        float v[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) v[r] = r < leaves ? leaf(r) : 0.0f;
+        total = leaves == 1 ? v[0] : leaves == 2 ? exact::fadd(v[0], v[1])
+                                                 : exact::fadd(exact::fadd(v[0], v[1]), exact::fadd(v[2], v[3]));
+      }
+      q.km[static_cast<int64_t>(bh) * D + c] = exact::fmul(total, q.inv_tokens_k);
     }
   }
 }
@@ -529,9 +609,9 @@ __global__ void __launch_bounds__(kThreads, quantize_q_ctas<Bf16, D, Pool>()) qu
 template <bool Bf16, int D, bool Gather, bool Pool>
 cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   constexpr int rows = kThreads / (D / 8);
-  if (p.smooth_k || p.fp8_v) {
+  if (p.smooth_k || p.fp8_v || Pool) {
     const dim3 grid(p.splits, p.batch * p.heads_kv);
-    kv_stats_kernel<Bf16, Gather><<<grid, kThreads, 2 * rows * D * sizeof(float), stream>>>(p);
+    kv_stats_kernel<Bf16, D, Gather, Pool><<<grid, kThreads, 2 * rows * D * sizeof(float), stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     kv_finalize_kernel<<<p.batch * p.heads_kv, std::min(D, kThreads), 0, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
@@ -550,10 +630,10 @@ cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// Stage 1's pooling (p.pool.km set) is built for the predictor's head dims 64, 128 and 256.
+// Stage 1's pooling (p.pool.k_raw set) is built for the predictor's head dims 64, 128 and 256.
 template <bool Bf16, bool Gather>
 cudaError_t launch_for_dim(const PreprocessParams& p, cudaStream_t stream) {
-  const bool pool = p.pool.km != nullptr;
+  const bool pool = p.pool.k_raw != nullptr;
   switch (p.head_dim) {
     case 32: return pool ? cudaErrorInvalidValue : launch_all<Bf16, 32, Gather, false>(p, stream);
     case 64: return pool ? launch_all<Bf16, 64, Gather, true>(p, stream) : launch_all<Bf16, 64, Gather, false>(p, stream);

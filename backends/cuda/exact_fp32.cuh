@@ -67,4 +67,34 @@ __device__ __forceinline__ float tree8(const float (&v)[8]) {
   return fadd(fadd(fadd(v[0], v[1]), fadd(v[2], v[3])), fadd(fadd(v[4], v[5]), fadd(v[6], v[7])));
 }
 
+// A tree counter of one channel: sub-tree totals pushed in order; after a power of two of pushes the total is the
+// balanced tree of them (up to 2^(Levels-1) pushes). Levels stay in registers (indices unrolled).
+template <int Levels>
+struct TreeCounter {
+  float level[Levels];
+  int count = 0;
+  __device__ __forceinline__ void push(float v) {
+    bool placed = false;
+#pragma unroll
+    for (int k = 0; k < Levels; ++k) {
+      if (placed) continue;
+      if ((count >> k) & 1) {
+        v = fadd(level[k], v);
+      } else {
+        level[k] = v;
+        placed = true;
+      }
+    }
+    ++count;
+  }
+  // After `slots` (a power of two) pushes.
+  __device__ __forceinline__ float total(int slots) const {
+    float r = 0.0f;
+#pragma unroll
+    for (int k = 0; k < Levels; ++k)
+      if ((1 << k) == slots) r = level[k];
+    return r;
+  }
+};
+
 }  // namespace sparq::cuda::exact

@@ -23,7 +23,11 @@ struct InputView {
 constexpr int kPoolChunk = 64;
 enum PoolChunkFlag { kPoolNonFinite = 1, kPoolNonZero = 2 };  // a row with a non-finite n², a row with n² > 0
 struct SpargePoolChunks {
-  const float* km = nullptr;                  // [B·Hkv, D]: the prediction's K mean (K is pooled as K − km)
+  float* k_raw = nullptr;                     // [B·Hkv, K chunks, D]: tree sums of the raw K (kv_stats)
+  float* km = nullptr;                        // [B·Hkv, D]: the prediction's K mean from them (kv_finalize);
+                                              // K is pooled as K − km (quantize_kv)
+  int block_k = 0, blocks_k = 0;              // the prediction's key blocks (the K mean's tree)
+  float inv_tokens_k = 0;                     // 1/Nk, rounded on the host
   float *k_sum = nullptr, *k_unit = nullptr;  // [B·Hkv, K chunks, D]: tree sums of v and of v / ‖v‖ over a chunk
   int* k_flags = nullptr;                     // [B·Hkv, K chunks]: PoolChunkFlag bits
   float *q_sum = nullptr, *q_unit = nullptr;  // [B·Hq, Q chunks, D]
@@ -56,7 +60,7 @@ struct PreprocessParams {
   float* partial_vmax = nullptr;
   int splits = 1;
   float* k_mean = nullptr;  // [B·Hkv, D]: the K channel means (smoothing)
-  // Stage 1's pooling, when pool.km is set (head dims 64, 128, 256). With q8 / k8 null (a prediction without
+  // Stage 1's pooling, when pool.k_raw is set (head dims 64, 128, 256). With q8 / k8 null (a prediction without
   // attention) the passes pool only: no quantized writes.
   SpargePoolChunks pool;
 };

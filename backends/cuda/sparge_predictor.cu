@@ -1,9 +1,9 @@
 // CUDA SpargeAttn stage 1 (docs/SPARGE.md) in the exact fp32 arithmetic of runtime/src/sparge/predictor_fp32.hpp
 // (exact_fp32.cuh): every add/sub/mul rounds to nearest, is never contracted, and its result is flushed to a
 // signed zero when subnormal; no division or library sqrt/exp; tree sums over power-of-two slots. Kernels:
-//   raw_k_sums  per (key block, kv head, batch): raw K block sums;
-//   kmean       per (batch, kv head, channel): the prediction's K mean;
-//   (the quantization passes of cuda_backend_kernels.cu then pool Q and K − mean per 64-token chunk)
+//   (before them, the preprocessing of cuda_backend_kernels.cu: the raw K chunk sums in kv_stats, the
+//   prediction's K mean in kv_finalize, and the pooling of Q and K − mean per 64-token chunk in the
+//   quantization passes)
 //   block_pool  per (block, head, batch): block means and self-similarities of Q and smoothed K from the chunks;
 //   select      per 4 query blocks of a (query head, batch): logits, masses, rank by counting, τ / top-k, LUT rows;
 //   permute     per (16-byte piece or element of a row, head, batch): the Hilbert permutation.
@@ -52,117 +52,11 @@ __device__ __forceinline__ float load16(const uint16_t* p) {
   else return __half2float(__ushort_as_half(bits));
 }
 
-// Chunk-level tree counter of one channel: chunk totals (64-token sub-trees) pushed in order; after a power of
-// two of pushes the total is the balanced tree of them. Levels stay in registers (indices unrolled).
-struct ChunkCounter {
-  float level[kChunkLevels];
-  int count = 0;
-  __device__ __forceinline__ void push(float v) {
-    bool placed = false;
-#pragma unroll
-    for (int k = 0; k < kChunkLevels; ++k) {
-      if (placed) continue;
-      if ((count >> k) & 1) {
-        v = fadd(level[k], v);
-      } else {
-        level[k] = v;
-        placed = true;
-      }
-    }
-    ++count;
-  }
-  // After `slots` (a power of two) pushes.
-  __device__ __forceinline__ float total(int slots) const {
-    float r = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kChunkLevels; ++k)
-      if ((1 << k) == slots) r = level[k];
-    return r;
-  }
-};
-
 struct PoolArgs {
   SpargePredictParams p;
-  float *ksum, *km, *kmean, *ksim, *qmean, *qsim;
+  float *kmean, *ksim, *qmean, *qsim;  // block means and self-similarities
   SpargePoolChunks chunks;
 };
-
-// The raw K block sums (the K mean's first level), one block of tokens per CTA of D = 8·G threads: thread (tg, cg)
-// holds, per chunk of 64 token slots, the 8 tokens [8·tg, 8·tg + 8) x the 8 channels [8·cg, 8·cg + 8) in registers
-// (one 16-byte load per token when aligned). Sums over tokens: a sub-tree over its 8 tokens, then the 8 token
-// groups combined per channel through shared memory, and the chunks through a ChunkCounter. Missing token slots
-// (past the sequence, or padding to a power of two) are +0.
-template <bool Bf16, int G, bool Gather>
-__global__ void __launch_bounds__(8 * G, 384 / (8 * G)) raw_k_sums_kernel(const PoolArgs a) {
-  constexpr int D = 8 * G;
-  __shared__ float part_s[8][D];  // per token group: 8-token sub-tree of every channel
-  const SpargePredictParams& p = a.p;
-  const int tid = threadIdx.x, tg = tid / G, cg = tid % G;
-  const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const SpargeView& x = p.k;
-  const uint16_t* base = static_cast<const uint16_t*>(x.data) + b * x.stride_b + h * x.stride_h;
-  const bool vec = reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && x.stride_t % 8 == 0;
-  const int t0 = blk * p.block_k, t1 = min(p.tokens_k, t0 + p.block_k);
-  int slots = kChunk;  // token slots of the block's tree: the next power of two >= block
-  while (slots < p.block_k) slots *= 2;
-  ChunkCounter sum;
-  for (int c0 = t0; c0 < t0 + slots; c0 += kChunk) {
-    if (c0 >= t1) {  // a chunk of padding: its sub-trees are +0
-      sum.push(0.0f);
-      continue;
-    }
-    float v[8][8];  // [token][channel]
-    // The 8 rows' 16-byte loads are all issued before any is used (predicated, not branched), so each thread
-    // has 128 bytes in flight.
-    uint4 raw8[8];
-    if (vec) {
-#pragma unroll
-      for (int r = 0; r < 8; ++r) {
-        const int t = c0 + tg * 8 + r;
-        const int tt = t < t1 ? t : t0;
-        const int stored = Gather && tt < x.rows_size ? __ldg(x.rows + tt) : tt;
-        const uint16_t* row = base + static_cast<int64_t>(stored) * x.stride_t + cg * 8;
-        raw8[r] = __ldg(reinterpret_cast<const uint4*>(row));
-        if (t >= t1) raw8[r] = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      const int t = c0 + tg * 8 + r;
-      if (vec) {
-        const uint32_t w[4] = {raw8[r].x, raw8[r].y, raw8[r].z, raw8[r].w};
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const uint16_t bits = static_cast<uint16_t>(i % 2 ? w[i / 2] >> 16 : w[i / 2] & 0xffffu);
-          v[r][i] = ftz(load16<Bf16>(&bits));
-        }
-      } else {
-        const int stored = Gather && t < x.rows_size ? __ldg(x.rows + t) : t;
-        const uint16_t* row = base + static_cast<int64_t>(stored) * x.stride_t + cg * 8;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[r][i] = t < t1 ? ftz(load16<Bf16>(row + i)) : 0.0f;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float col[8];
-#pragma unroll
-      for (int r = 0; r < 8; ++r) col[r] = v[r][i];
-      part_s[tg][cg * 8 + i] = tree8(col);
-    }
-    __syncthreads();
-    {
-      const int c = tid;  // one channel per thread
-      float col[8];
-#pragma unroll
-      for (int r = 0; r < 8; ++r) col[r] = part_s[r][c];
-      sum.push(tree8(col));
-    }
-    __syncthreads();
-  }
-  const int64_t out = (static_cast<int64_t>(b) * p.heads_kv + h) * p.blocks_k + blk;
-  a.ksum[out * D + tid] = sum.total(slots / kChunk);
-}
 
 // Block means and self-similarities of Q (IsQ) or smoothed K blocks from the 64-token chunk sums that the
 // quantization passes pooled (SpargePoolChunks): per channel, the block's tree over its chunk slots (a chunk past
@@ -183,7 +77,7 @@ __global__ void __launch_bounds__(D) block_pool_kernel(const PoolArgs a) {
   const int* flags = (IsQ ? a.chunks.q_flags : a.chunks.k_flags) + head * chunks;
   int slots = kChunk;  // token slots of the block's tree: the next power of two >= block
   while (slots < block) slots *= 2;
-  ChunkCounter sum, unit;
+  exact::TreeCounter<kChunkLevels> sum, unit;
   int any = 0;
   for (int j = 0; j < slots / kChunk; ++j) {
     const int chunk = blk * per_block + j;
@@ -212,38 +106,6 @@ __global__ void __launch_bounds__(D) block_pool_kernel(const PoolArgs a) {
       (IsQ ? a.qsim : a.ksim)[out] = sim;
     }
   }
-}
-
-// The prediction's K mean: per (batch, kv head, channel), the tree sum of the raw block sums (padded to a power of
-// two) times 1/Nk.
-__global__ void kmean_kernel(const PoolArgs a) {
-  const SpargePredictParams& p = a.p;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int D = p.head_dim;
-  if (i >= static_cast<int64_t>(p.batch) * p.heads_kv * D) return;
-  const int64_t bh = i / D;
-  const int c = static_cast<int>(i % D);
-  int slots = 1;
-  while (slots < p.blocks_k) slots *= 2;
-  const float* sums = a.ksum + bh * p.blocks_k * D + c;
-  float total;
-  if (slots >= 8) {
-    // Aligned groups of 8 leaves are balanced sub-trees of the tree: their 8 loads go out together, and the
-    // group totals combine through a counter (levels in registers).
-    ChunkCounter groups;
-    for (int j = 0; j < slots; j += 8) {
-      float v[8];
-#pragma unroll
-      for (int r = 0; r < 8; ++r) v[r] = j + r < p.blocks_k ? sums[int64_t(j + r) * D] : 0.0f;
-      groups.push(tree8(v));
-    }
-    total = groups.total(slots / 8);
-  } else {
-    float v[8] = {};
-    for (int j = 0; j < p.blocks_k; ++j) v[j] = sums[int64_t(j) * D];
-    total = slots == 1 ? v[0] : slots == 2 ? fadd(v[0], v[1]) : fadd(fadd(v[0], v[1]), fadd(v[2], v[3]));
-  }
-  a.km[bh * D + c] = fmul(total, p.inv_tokens_k);
 }
 
 // Query block rows per select CTA: they share the K block means read from L2, and each has its own 64 threads
@@ -435,7 +297,7 @@ __global__ void __launch_bounds__(256) permute_kernel(const PermuteParams p) {
 }
 
 struct Workspace {
-  float *ksum, *km, *kmean, *ksim, *qmean, *qsim;
+  float *kmean, *ksim, *qmean, *qsim;
   SpargePoolChunks chunks;
 };
 
@@ -452,21 +314,21 @@ std::size_t carve(const SpargePredictParams& p, Workspace* w) {
   };
   Workspace unused{};
   Workspace& x = w ? *w : unused;
-  float* km = nullptr;
-  take(x.ksum, kv * p.blocks_k * D);
-  take(km, kv * D);
   take(x.kmean, kv * p.blocks_k * D);
   take(x.ksim, kv * p.blocks_k);
   take(x.qmean, q * p.blocks_q * D);
   take(x.qsim, q * p.blocks_q);
+  take(x.chunks.k_raw, k_chunks * D);
+  take(x.chunks.km, kv * D);
   take(x.chunks.k_sum, k_chunks * D);
   take(x.chunks.k_unit, k_chunks * D);
   take(x.chunks.k_flags, k_chunks);
   take(x.chunks.q_sum, q_chunks * D);
   take(x.chunks.q_unit, q_chunks * D);
   take(x.chunks.q_flags, q_chunks);
-  x.km = km;
-  x.chunks.km = km;
+  x.chunks.block_k = p.block_k;
+  x.chunks.blocks_k = p.blocks_k;
+  x.chunks.inv_tokens_k = p.inv_tokens_k;
   return at;
 }
 
@@ -475,30 +337,9 @@ PoolArgs pool_args(const SpargePredictParams& p) {
   a.p = p;
   Workspace w{};
   carve(p, &w);
-  a.ksum = w.ksum, a.km = w.km, a.kmean = w.kmean, a.ksim = w.ksim, a.qmean = w.qmean, a.qsim = w.qsim;
+  a.kmean = w.kmean, a.ksim = w.ksim, a.qmean = w.qmean, a.qsim = w.qsim;
   a.chunks = w.chunks;
   return a;
-}
-
-// Gather: k is read through a fused token order (a separate instantiation: the dependent index load costs the
-// plain kernel nothing).
-template <bool Bf16, int G, bool Gather>
-cudaError_t launch_kmean_typed(const PoolArgs& a, cudaStream_t stream) {
-  const SpargePredictParams& p = a.p;
-  constexpr int D = 8 * G;
-  raw_k_sums_kernel<Bf16, G, Gather><<<dim3(p.blocks_k, p.heads_kv, p.batch), D, 0, stream>>>(a);
-  const int64_t channels = int64_t(p.batch) * p.heads_kv * D;
-  kmean_kernel<<<static_cast<unsigned>((channels + 127) / 128), 128, 0, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <bool Bf16, bool Gather>
-cudaError_t launch_kmean_dim(const PoolArgs& a, cudaStream_t stream) {
-  switch (a.p.head_dim) {
-    case 64: return launch_kmean_typed<Bf16, 8, Gather>(a, stream);
-    case 128: return launch_kmean_typed<Bf16, 16, Gather>(a, stream);
-    default: return launch_kmean_typed<Bf16, 32, Gather>(a, stream);
-  }
 }
 
 template <int D>
@@ -522,14 +363,6 @@ bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k) {
 std::size_t sparge_workspace_bytes(const SpargePredictParams& p) { return carve(p, nullptr); }
 
 SpargePoolChunks sparge_pool_chunks(const SpargePredictParams& p) { return pool_args(p).chunks; }
-
-int launch_sparge_kmean(const SpargePredictParams& p, void* stream) {
-  const PoolArgs a = pool_args(p);
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool gather = p.k.rows != nullptr;
-  if (gather) return static_cast<int>(p.in_bf16 ? launch_kmean_dim<true, true>(a, s) : launch_kmean_dim<false, true>(a, s));
-  return static_cast<int>(p.in_bf16 ? launch_kmean_dim<true, false>(a, s) : launch_kmean_dim<false, false>(a, s));
-}
 
 int launch_sparge_select(const SpargePredictParams& p, void* stream) {
   const PoolArgs a = pool_args(p);

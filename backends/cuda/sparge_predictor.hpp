@@ -36,13 +36,12 @@ struct SpargePredictParams {
 // 32768 tokens); otherwise the runtime predicts on the host.
 bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k);
 std::size_t sparge_workspace_bytes(const SpargePredictParams& p);
-// Stage 1 runs around the quantization passes (cuda_backend_kernels.cu), which pool Q and K into the chunks of
-// sparge_pool_chunks(p) (pointers into p.workspace; PreprocessParams::pool):
-//   launch_sparge_kmean   before them: the raw K block sums and the prediction's K mean (chunks.km);
-//   launch_sparge_select  after them: the block means and self-similarities from the chunks, then the LUT.
-// Each enqueues on `stream` (a cudaStream_t) and returns a cudaError_t as an int.
+// Stage 1 runs in the preprocessing passes (cuda_backend_kernels.cu: the raw K chunk sums in kv_stats, the
+// prediction's K mean in kv_finalize, the pooling of Q and K − mean in the quantization passes), which write
+// the chunks of sparge_pool_chunks(p) (pointers into p.workspace; PreprocessParams::pool), and then in
+// launch_sparge_select: the block means and self-similarities from the chunks, then the LUT. It enqueues on
+// `stream` (a cudaStream_t) and returns a cudaError_t as an int.
 SpargePoolChunks sparge_pool_chunks(const SpargePredictParams& p);
-int launch_sparge_kmean(const SpargePredictParams& p, void* stream);
 int launch_sparge_select(const SpargePredictParams& p, void* stream);
 
 struct PermuteParams {
