@@ -27,10 +27,8 @@ namespace {
 
 using namespace exact;
 
-constexpr int kChunk = 64;           // tokens per pool step
-constexpr int kChunkLevels = 10;     // chunk counter levels: blocks up to 1023 chunks
+constexpr int kChunkLevels = 10;  // block tree counter levels: blocks up to 512 chunks of kPoolChunk tokens
 constexpr int kSelectThreads = 256;
-static_assert(kChunk == kPoolChunk, "the quantization passes pool chunks of the predictor's step");
 
 __device__ __forceinline__ float exp2_neg(float x) {
   if (!(x >= -126.0f)) return 0.0f;
@@ -43,13 +41,6 @@ __device__ __forceinline__ float exp2_neg(float x) {
   for (int k = 6; k >= 0; --k) p = fadd(fmul(p, f), __uint_as_float(kCoeff[k]));
   const int e = static_cast<int>(n);
   return fmul(p, __uint_as_float(static_cast<unsigned>(e + 127) << 23));
-}
-
-template <bool Bf16>
-__device__ __forceinline__ float load16(const uint16_t* p) {
-  const uint16_t bits = *p;
-  if constexpr (Bf16) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-  else return __half2float(__ushort_as_half(bits));
 }
 
 struct PoolArgs {
@@ -75,11 +66,11 @@ __global__ void __launch_bounds__(D) block_pool_kernel(const PoolArgs a) {
   const float* sums = (IsQ ? a.chunks.q_sum : a.chunks.k_sum) + head * chunks * D + c;
   const float* units = (IsQ ? a.chunks.q_unit : a.chunks.k_unit) + head * chunks * D + c;
   const int* flags = (IsQ ? a.chunks.q_flags : a.chunks.k_flags) + head * chunks;
-  int slots = kChunk;  // token slots of the block's tree: the next power of two >= block
+  int slots = kPoolChunk;  // token slots of the block's tree: the next power of two >= block
   while (slots < block) slots *= 2;
   exact::TreeCounter<kChunkLevels> sum, unit;
   int any = 0;
-  for (int j = 0; j < slots / kChunk; ++j) {
+  for (int j = 0; j < slots / kPoolChunk; ++j) {
     const int chunk = blk * per_block + j;
     const bool real = j < per_block && chunk < chunks;
     sum.push(real ? sums[static_cast<int64_t>(chunk) * D] : 0.0f);
@@ -88,8 +79,8 @@ __global__ void __launch_bounds__(D) block_pool_kernel(const PoolArgs a) {
   }
   const int64_t out = head * nblocks + blk;
   const float inv_m = blk + 1 == nblocks ? (IsQ ? p.inv_tail_q : p.inv_tail_k) : (IsQ ? p.inv_block_q : p.inv_block_k);
-  (IsQ ? a.qmean : a.kmean)[out * D + c] = fmul(sum.total(slots / kChunk), inv_m);
-  const float u = unit.total(slots / kChunk);
+  (IsQ ? a.qmean : a.kmean)[out * D + c] = fmul(sum.total(slots / kPoolChunk), inv_m);
+  const float u = unit.total(slots / kPoolChunk);
   usq[c] = fmul(u, u);
   __syncthreads();
   if (c < 32) {
@@ -356,7 +347,7 @@ cudaError_t launch_select_typed(const PoolArgs& a, cudaStream_t stream) {
 
 bool sparge_supported(int head_dim, int blocks_k, int block_q, int block_k) {
   const bool pow2 = head_dim >= 64 && head_dim <= 256 && (head_dim & (head_dim - 1)) == 0;
-  const int most = kChunk << (kChunkLevels - 1);  // the chunk counter's top level
+  const int most = kPoolChunk << (kChunkLevels - 1);  // the chunk counter's top level
   return pow2 && blocks_k <= kSelectMaxKeyBlocks && block_q <= most && block_k <= most;
 }
 
