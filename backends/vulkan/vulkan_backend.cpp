@@ -148,6 +148,7 @@ class VulkanBackend final : public BackendImpl, public std::enable_shared_from_t
   Buffer staging_, params_, dummy_;
   // Scratch of the preprocessing passes (grow-only).
   Buffer q8_, k8_, qscale_, kscale_, kmean_, qkm_, k16_;
+  Buffer v_ord_;  // V in a fused token order (order_v.comp.j2), [B, Hkv, Nk, D]
   Buffer pv_thr_, pv_stats_;  // SpargeAttn stage 2: thresholds [Hq], counters [total, skipped]
   // SpargeAttn stage 1 (sparge_common.glsl's buffers; spg_pool_: the pooled chunks, sparge_pool.glsl) and the
   // token permutation's order.
@@ -163,7 +164,7 @@ VulkanStorage::~VulkanStorage() {
 VulkanBackend::~VulkanBackend() {
   if (!vk_) return;
   vkDeviceWaitIdle(vk_);
-  for (Buffer* b : {&staging_, &params_, &dummy_, &q8_, &k8_, &qscale_, &kscale_, &kmean_, &qkm_, &k16_, &pv_thr_, &pv_stats_,
+  for (Buffer* b : {&staging_, &params_, &dummy_, &q8_, &k8_, &qscale_, &kscale_, &kmean_, &qkm_, &k16_, &v_ord_, &pv_thr_, &pv_stats_,
                     &spg_params_, &spg_pool_, &spg_kmean_, &spg_ksim_, &spg_qmean_, &spg_qsim_, &spg_head_,
                     &spg_order_})
     dev_->destroy_buffer(*b);
@@ -831,7 +832,8 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     prm.pv_skip = 1;
   }
   // A fused token order (backend.hpp, AttentionProblem::token_order): kmean and quant read K and Q rows
-  // through it, the attention kernel V rows (and fp16 Q·Kᵀ's Q rows) and writes O and LSE rows through it.
+  // through it, the attention kernel V rows (from a copy in token order, below, unless SPARQ_VULKAN_ORDER_V=0;
+  // and fp16 Q·Kᵀ's Q rows) and writes O and LSE rows through it.
   // The preprocessed Q8, K8, K16 and scales are in token order, so the kernels' tiles are those of a copy.
   const bool gather = p.token_order.storage != nullptr && p.token_order_size > 0;
   if (gather) {
@@ -841,6 +843,19 @@ void VulkanBackend::attention(const AttentionProblem& p) {
     binds[18] = o.range;
     prm.order_off = o.first;
     prm.order_size = u32(p.token_order_size, "token order size");
+  }
+  // With a token order, V is copied in it once (order_v, beside the quant passes) and the attention kernel reads
+  // that copy with plain indexing (V_ORDERED) instead of V rows through the order in every tile: H100 (NVIDIA
+  // Vulkan), B4 H32 N16K D128 SpargeAttn (sparq-sparge-bench): sparge_kernel_ms 12.6 -> 8.9 (= the kernel on
+  // permuted copies), the copy about 0.35 ms, sparge_wall_ms 15.9 -> 12.6-12.8. The same bits, the same results.
+  // SPARQ_VULKAN_ORDER_V=0: the gathered reads.
+  const std::uint32_t v_quads = Nk > 0 ? std::uint32_t(D / 8) : 0;
+  const std::uint64_t v_groups = (std::uint64_t(Nk) * v_quads + 255) / 256;
+  bool order_v = gather && Nk > 0 && D % 8 == 0 && v_groups <= limits.maxComputeWorkGroupCount[0];
+  if (const char* e = std::getenv("SPARQ_VULKAN_ORDER_V"); e && std::strcmp(e, "0") == 0) order_v = false;
+  if (order_v) {
+    ensure(v_ord_, k8_bytes * 2);  // [B, Hkv, Nk, D] 16-bit, within maxStorageBufferRange (checked above)
+    binds[20] = whole(v_ord_);
   }
   // A fused SpargeAttn stage 1 (AttentionProblem::predict): the quant passes pool q and k as they quantize them
   // (POOL = 1; the quantized outputs do not depend on it), between them run the predictor's raw K pass and K
@@ -885,7 +900,9 @@ void VulkanBackend::attention(const AttentionProblem& p) {
   VkPipeline quant_k = dev_->pipeline("quant", {b_in, b_fp16, b_gather, pool, 1, DP, k_vec, fuse(k_span, k_inner)});
   VkPipeline pool_raw =
       sp ? dev_->pipeline("quant", {b_in, 0, b_gather, 2, 0, DP, k_vec}) : VK_NULL_HANDLE;
-  VkPipeline attn = dev_->pipeline(kernel, {b_in, b_out, b_fp16, b_causal, b_gather});
+  const VkBool32 b_v_ordered = order_v;
+  VkPipeline attn = dev_->pipeline(kernel, {b_in, b_out, b_fp16, b_causal, b_gather, b_v_ordered});
+  VkPipeline order_v_pipe = order_v ? dev_->pipeline("order_v", {}) : VK_NULL_HANDLE;
 
   // Record.
   reserve_descriptor_sets(2);
@@ -932,7 +949,12 @@ void VulkanBackend::attention(const AttentionProblem& p) {
   bool k_pass = Nk > 0;
   if (q_pass) quant_pass(quant_q, 0, q_spans);
   if (k_pass) quant_pass(quant_k, 1, k_spans);
-  if (q_pass || k_pass) barrier_compute_to_compute();
+  if (order_v) {  // V in token order, independent of the quant passes: beside them (H100: the same time beside
+                  // sparge_finalize or beside the first pass)
+    vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, order_v_pipe);
+    vkCmdDispatch(cmd_, std::uint32_t(v_groups), p.heads_kv, p.batch);
+  }
+  if (q_pass || k_pass || order_v) barrier_compute_to_compute();
   if (sp) {  // block statistics and selection: the LUT (= the mask the attention kernel reads)
     sparge_record_select(spg, spg_set);
     barrier_compute_to_compute();

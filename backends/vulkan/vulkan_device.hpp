@@ -41,7 +41,7 @@ struct Buffer {
 };
 
 // Number of storage-buffer bindings after the uniform parameter block (binding 0) in every kernel.
-constexpr std::uint32_t kStorageBindings = 19;
+constexpr std::uint32_t kStorageBindings = 20;
 
 class Device {
  public:

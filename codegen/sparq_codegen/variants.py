@@ -115,6 +115,8 @@ def vulkan_variants(cfg: Config):
             Variant("vulkan", "sparge_finalize", "glsl/sparge_finalize.comp.j2"),
             Variant("vulkan", "sparge_select", "glsl/sparge_select.comp.j2"),
             Variant("vulkan", "sparge_permute", "glsl/sparge_permute.comp.j2")]
+    # V in a fused token order, copied once per attention call for the attention kernels (order_v.comp.j2).
+    out.append(Variant("vulkan", "order_v", "glsl/order_v.comp.j2"))
     # Two flavours per (head dim, mask): "idot" = the fast one for GPUs: Q·Kᵀ through the packed 4x8-bit dot
     # product (SPV_KHR_integer_dot_product, emitted with GL_EXT_spirv_intrinsics because glslang 12 lacks
     # GL_EXT_integer_dot_product) and unrolled inner loops; without idot = the portable one: plain integer

@@ -44,6 +44,9 @@ layout(std430, set = 0, binding = 15) readonly buffer K164 { uvec4 k16_4[]; };
 layout(std430, set = 0, binding = 16) readonly buffer PvThr { float pv_thr[]; };  // [Hq] λ, log2 units
 layout(std430, set = 0, binding = 17) buffer PvStats { uint pv_stats[]; };      // [total, skipped]
 layout(std430, set = 0, binding = 18) readonly buffer TokenOrder { int token_order[]; };  // I32 [order_size]
+// V in a fused token order, contiguous [B, Hkv, Nk, D] (written by order_v.comp.j2; the attention kernels'
+// V_ORDERED specialization reads it instead of v through the order).
+layout(std430, set = 0, binding = 20) readonly buffer VOrd4 { uvec4 v_ord4[]; };
 
 // A fused token order (AttentionProblem::token_order, SpargeAttn's Hilbert order): token t of the problem is
 // stored in row token_row(t) of q, k, v and of the output (row t beyond the order). `gather` is each kernel's
