@@ -179,6 +179,8 @@ LseDiff compare_lse_impl(const std::vector<float>& got, const std::vector<T>& re
       continue;
     }
     d.max_abs = std::max(d.max_abs, std::fabs(g - r));
+    const float rf = std::fabs(static_cast<float>(r));
+    d.max_ulps = std::max(d.max_ulps, std::fabs(g - r) / (std::nextafter(rf, INFINITY) - rf));
   }
   return d;
 }
@@ -418,7 +420,7 @@ bool within(const Accuracy& a, const Budget& b) { return a.rel_l1 <= b.rel_l1 &&
 
 std::string LseDiff::describe() const {
   std::ostringstream s;
-  s << "lse max_abs=" << max_abs << " inf_mismatch=" << inf_mismatch << " nan=" << nan;
+  s << "lse max_abs=" << max_abs << " max_ulps=" << max_ulps << " inf_mismatch=" << inf_mismatch << " nan=" << nan;
   return s.str();
 }
 

@@ -109,7 +109,9 @@ struct LseDiff {
   double max_abs = 0;             // over rows finite in both
   std::size_t inf_mismatch = 0;   // rows where exactly one side is -inf (or +inf)
   std::size_t nan = 0;            // NaN rows in `got`
+  double max_ulps = 0;            // the largest difference in units in the last place of the fp32 reference
   bool ok(double tol) const { return inf_mismatch == 0 && nan == 0 && max_abs <= tol; }
+  bool ok_ulps(double ulps) const { return inf_mismatch == 0 && nan == 0 && max_ulps <= ulps; }
   std::string describe() const;
 };
 LseDiff compare_lse(const std::vector<float>& got, const std::vector<double>& ref);

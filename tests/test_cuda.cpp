@@ -3,7 +3,8 @@
 //
 // Tolerances against the emulation (stated here, checked below): the kernels use the hardware exp2
 // approximation and a different fp32 summation order, so P (hence its fp16 / e4m3 rounding) may differ by an
-// ulp from the emulation's: rel L1 ≤ 2e-3 with FP16 P·V, ≤ 1e-2 with FP8 P·V; LSE within 1e-3 absolute.
+// ulp from the emulation's: rel L1 ≤ 2e-3 with FP16 P·V, ≤ 1e-2 with FP8 P·V; LSE within 1e-3 absolute (or, for
+// the integer-exact inputs' LSE of ~1e4, where 1e-3 is one fp32 ulp, within 2 ulps).
 // Integer-exact inputs (no smoothing) make the INT8 Q·Kᵀ exact on both sides, so the logits are identical.
 #include <doctest/doctest.h>
 
@@ -139,7 +140,10 @@ TEST_CASE("cuda integer-exact inputs match the emulation") {
         CHECK(a.rel_l1 <= emulation_tolerance(c));
         const LseDiff l = compare_lse(got.lse, em.lse);
         INFO(l.describe());
-        CHECK(l.ok(1e-3));
+        // These logits reach ~1e4 (integers up to 127 in every channel), where 1e-3 is one ulp of an fp32 LSE:
+        // the kernels' LSE (their summation order; on the sm90a path the exponent formed with one rounding instead
+        // of two) may differ from the emulation's in its last two bits.
+        CHECK((l.ok(1e-3) || l.ok_ulps(2)));
       }
 }
 

@@ -57,9 +57,16 @@ struct Sm90Log2Lse {
   __device__ __forceinline__ float operator()(float m, float l) const { return m + __log2f(l) - kLog2Of448; }
 };
 
-// Whether key tile key0 has elements past the sequence end or (causal) past the diagonal of a row of this warp.
-__device__ __forceinline__ bool tile_needs_mask(const AttentionParams& p, int key0, int warp_row0, int causal_offset) {
-  return key0 + kBlockK > p.tokens_k || (p.causal && key0 + kBlockK - 1 > warp_row0 + causal_offset);
+// The first key tile that needs per-element masking for the warp whose rows start at warp_row0: a tile with keys past
+// the sequence end (tile·64 + 64 > Nk) or, causal, past the diagonal of one of its rows (tile·64 + 63 > warp_row0 +
+// causal_offset). Both hold from some tile on, so the loop tests one integer per tile.
+__device__ __forceinline__ int first_masked_tile(const AttentionParams& p, int warp_row0, int causal_offset) {
+  int first = p.tokens_k / kBlockK;
+  if (p.causal) {
+    const int last_key = warp_row0 + causal_offset;  // the last key the warp's first row sees
+    first = min(first, last_key < kBlockK - 1 ? 0 : (last_key - (kBlockK - 1)) / kBlockK + 1);
+  }
+  return first;
 }
 
 // tile_row_max from the s32 accumulator: per row the largest even- and odd-column integer (their K scales differ
@@ -106,18 +113,74 @@ __device__ __forceinline__ void issue_pv_wgmma(float (&tile_acc)[D / 2], const u
   wgmma_commit();
 }
 
-// The base-2 logits of tile `tile` from its s32 accumulator (acc · q_scale · k_scale), masked where the tile
-// needs it, and their row maxima: from the masked logits, or for an unmasked tile from the accumulator itself.
-__device__ __forceinline__ void tile_logits(const AttentionParams& p, int tile, int warp_row0, int g, int t,
-                                            int causal_offset, const int (&acc)[32], float qk_scale0,
-                                            float qk_scale1, float (&s)[8][4], float (&tile_max)[2]) {
-  dequantize_logits<Sm90IntToFloat>(n_tiles(acc), qk_scale0, qk_scale1, s);
-  if (tile_needs_mask(p, tile * kBlockK, warp_row0, causal_offset)) {
-    mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, s);
-    tile_row_max(s, tile_max);
-  } else {
-    tile_row_max_s32(n_tiles(acc), qk_scale0, qk_scale1, tile_max);
+// The new running maxima of a tile's rows, alpha = exp2(old max − new max) and the shift that takes the logits
+// to P·448 (the e4m3 range): exp2(logit − shift). A row with no key yet keeps max -inf and uses 0 for it.
+__device__ __forceinline__ void update_row_max(const float (&tile_max)[2], float (&row_max)[2], float (&alpha)[2],
+                                               float (&minus_shift)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float mx = fmaxf(row_max[h], tile_max[h]);
+    const float use = mx == -INFINITY ? 0.0f : mx;
+    alpha[h] = fast_exp2(row_max[h] - use);
+    row_max[h] = mx;
+    minus_shift[h] = kLog2Of448 - use;
   }
+}
+
+// The online softmax of one tile on the sm90a path (docs/NUMERICS.md): P·448 into p448, alpha, and the running
+// max and sum of this thread's rows. Returns true, touching nothing, when SpargeAttn stage 2 (Stage2) skips the
+// tile for the warp (stage2_skips_tile).
+// - A tile that needs masking (masked) forms its logits acc · q_scale · k_scale in p448, -inf where masked, takes
+//   the row maxima from them and P·448 = exp2(logit − shift). So does every tile of the stage-2 instantiation
+//   (the fused form below, with the stage-2 test between the max and the exponentials, spills at D128).
+// - An unmasked tile takes its maxima from the accumulator (tile_row_max_s32) and P·448 =
+//   exp2(fma(float(acc), q_scale · k_scale, −shift)): one rounding where the contract's order has two (the logit,
+//   then the shift). That saves an instruction per element and moves P by at most an ulp of the exponent, as the
+//   hardware exp2 already does (tests/test_cuda.cpp states the tolerances).
+// The two cases are separate branches: the accumulator and the logits are then never live together (merged, the
+// D128 kernel spills).
+// The row sums are pairwise trees (4 dependent adds instead of 16).
+template <bool Stage2>
+__device__ __forceinline__ bool tile_softmax_p448(const AttentionParams& p, bool masked, int tile, int warp_row0,
+                                                  int g, int t, int causal_offset, const int (&acc)[32],
+                                                  float qk_scale0, float qk_scale1, float pv_lambda,
+                                                  unsigned& pv_skipped, unsigned& pv_total, float (&row_max)[2],
+                                                  float (&row_sum)[2], float (&alpha)[2], float (&p448)[8][4]) {
+  float tile_max[2], minus_shift[2];
+  if (Stage2 || masked) {
+    dequantize_logits<Sm90IntToFloat>(n_tiles(acc), qk_scale0, qk_scale1, p448);
+    mask_tile_elements(p, tile * kBlockK, warp_row0, g, t, causal_offset, p448);
+    tile_row_max(p448, tile_max);
+    if (Stage2 && stage2_skips_tile(tile_max, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total))
+      return true;
+    update_row_max(tile_max, row_max, alpha, minus_shift);
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p448[n][e] = fast_exp2(p448[n][e] + minus_shift[e >> 1]);
+  } else {
+    const int (&a)[8][4] = n_tiles(acc);
+    tile_row_max_s32(a, qk_scale0, qk_scale1, tile_max);
+    update_row_max(tile_max, row_max, alpha, minus_shift);
+    const Sm90IntToFloat to_float;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        p448[n][e] = fast_exp2(fmaf(to_float(a[n][e]), (e & 1) ? qk_scale1 : qk_scale0, minus_shift[e >> 1]));
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float part[8];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) part[n] = p448[n][2 * h] + p448[n][2 * h + 1];
+#pragma unroll
+    for (int w = 4; w >= 1; w /= 2)
+#pragma unroll
+      for (int n = 0; n < w; ++n) part[n] += part[n + w];
+    row_sum[h] = row_sum[h] * alpha[h] + part[0];
+  }
+  return false;
 }
 
 // The stage-2 instantiation keeps 3 CTAs per SM at D64 (its counters and λ do not fit 4 CTAs' 127 registers).
@@ -181,6 +244,7 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
   __syncthreads();  // the barriers are initialized
 
   const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, tiles.limit);
+  const int mask_from = first_masked_tile(p, warp_row0, causal_offset);
   mbarrier_wait(q_bar, 0);
 
   const uint64_t q_desc = smem_descriptor<D>(q_smem);
@@ -218,21 +282,16 @@ __global__ void __launch_bounds__(Sm90Config<D>::kThreads, Stage2 ? 3 : Sm90Conf
     register_fence(acc);
 
     // ---- dequantize to base-2 logits, mask, online softmax (per warp, as attention_kernel.cuh) ------------------
-    float s[8][4];
-    float tile_max[2];
-    tile_logits(p, tile, warp_row0, g, t, causal_offset, acc, qk_scale0, qk_scale1, s, tile_max);
     // SpargeAttn stage 2, decided per warp (16 rows) exactly as attention_kernel.cuh: a skipping warp leaves its
     // rows' max, sum and O as they are (P = 0, alpha = 1) while the warpgroup's P·V runs for the others; the MMA
     // itself is skipped when all four warps skip.
-    bool warp_skip = false;
-    if constexpr (pv_skip)
-      warp_skip = stage2_skips_tile(tile_max, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total);
     float alpha[2] = {1.0f, 1.0f};
     uint32_t pa[2][4] = {};  // two 32-key chunks, keys in permuted_key order (the layout of v8t)
-    if (!warp_skip) {
-      online_softmax_update<true>(s, tile_max, row_max, row_sum, alpha);
-      pack_p_e4m3(s, pa);
-    }
+    float p448[8][4];
+    const bool warp_skip =
+        tile_softmax_p448<pv_skip>(p, tile >= mask_from, tile, warp_row0, g, t, causal_offset, acc, qk_scale0,
+                                   qk_scale1, pv_lambda, pv_skipped, pv_total, row_max, row_sum, alpha, p448);
+    if (!warp_skip) pack_p_e4m3(p448, pa);
     if (pv_skip && __syncthreads_and(warp_skip)) continue;  // uniform: the CTA is one warpgroup
 
     // ---- tile = P · V (e4m3, A from registers), O = O·alpha + tile ----------------------------------------------
@@ -373,6 +432,7 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
   const int warp_row0 = q0 + 16 * warp;
   const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.k_groups;
   const float q_scale = load_q_scale(p, b, hq, q0 + 64 * c, warp_row0, g, tiles.limit);
+  const int mask_from = first_masked_tile(p, warp_row0, causal_offset);
 
   float o[kDTiles][4];
 #pragma unroll
@@ -394,11 +454,11 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
   };
   // The softmax of tile `tile` from its S accumulator: P(·448) as e4m3 fragments and alpha.
   auto softmax = [&](int tile, const int (&acc)[32], float s0, float s1, uint32_t (&pa)[2][4], float (&alpha)[2]) {
-    float s[8][4];
-    float tile_max[2];
-    tile_logits(p, tile, warp_row0, g, t, causal_offset, acc, s0, s1, s, tile_max);
-    online_softmax_update<true>(s, tile_max, row_max, row_sum, alpha);
-    pack_p_e4m3(s, pa);
+    float p448[8][4];
+    unsigned no_counts = 0;
+    tile_softmax_p448<false>(p, tile >= mask_from, tile, warp_row0, g, t, causal_offset, acc, s0, s1, 0.0f, no_counts,
+                             no_counts, row_max, row_sum, alpha, p448);
+    pack_p_e4m3(p448, pa);
   };
 
   // Per tile j: issue S(j) = Q·K(j)ᵀ and P(j-1)·V(j-1) together, run the softmax of S(j) while P(j-1)·V(j-1)
