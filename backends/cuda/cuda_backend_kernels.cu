@@ -36,10 +36,80 @@ __device__ __forceinline__ int stored_row(const InputView& x, int token) {
   return token;
 }
 
-__device__ __forceinline__ int8_t quantize_int8(float x, float step, bool zero) {
-  if (zero) return 0;
-  const float r = rintf(x / step);
-  return static_cast<int8_t>(fminf(fmaxf(r, -127.0f), 127.0f));
+// ---- Quotients by a divisor shared by many values ---------------------------------------------------------------
+//
+// Every value is divided by its group's step or its channel's V scale, correctly rounded (docs/NUMERICS.md). An
+// IEEE division per value (`x / d`) took about a dozen instructions and a slow-path branch each, most of both
+// passes' instructions, and its slow path spilled when the passes were held to 64 registers. Here no division is
+// left: with r = RN(1/d) once per divisor, Markstein's correction gives x / d in three operations,
+// q0 = RN(x·r), e = q0·d − x (exact in one fma), q = RN(q0 − e·r).
+// Checked against IEEE division (throwaway checks, not in the tree): on the host, every fp16 and every bf16
+// dividend over every divisor amax/127 and amax/448 of an fp16 or bf16 amax in the range below, 2·10^9 quotients
+// next to rounding midpoints over every divisor significand, 4·10^8 random fp32 pairs; on the H100, the fp16
+// dividends again, and the whole INT8 and e4m3 paths of 4·10^9 values each over scales of every magnitude. For d
+// in [2^-64, 2^64] the quotient is RN(x / d) bit for bit, except that a quotient below 2^-11 (then the residual
+// can fall below the subnormal spacing) may differ in its last bits: it keeps its sign, and both round to 0 in
+// INT8 (|q| < 0.5) and to ±0 in e4m3 (|q| < 2^-10). Other divisors are brought into that range by a power of two
+// applied to both operands (Divisor::scale).
+__device__ __forceinline__ bool fast_divisor(float d) { return d >= 0x1p-64f && d <= 0x1p64f; }
+
+// RN(1/d) for d in [2^-64, 2^64]: the hardware approximation, a Newton step and Markstein's correction (checked
+// on the device for every significand against 1.0f / d).
+__device__ __forceinline__ float rcp_rn(float d) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(d));
+  y = __fmaf_rn(y, __fmaf_rn(-d, y, 1.0f), y);
+  return __fmaf_rn(y, __fmaf_rn(-d, y, 1.0f), y);
+}
+
+// The zero's sign matters to e4m3 (−0 is 0x80): with e = q0·d − x (not x − q0·d), x = ±0 gives e = +0 and
+// q0 − (+0)·r keeps q0's sign. asm: no rewriting of the negations.
+__device__ __forceinline__ float quotient(float x, float d, float r) {
+  float q0, e, q;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(q0) : "f"(x), "f"(r));
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(e) : "f"(q0), "f"(d), "f"(-x));
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(q) : "f"(-e), "f"(r), "f"(q0));
+  return q;
+}
+
+// A divisor v >= 0 (or +inf) for quotient(): x / v = quotient(x·scale, d, r). v beyond fast_divisor is scaled by
+// 2^100 (v < 2^-64: exact, and so is x·2^100, |x| <= 448·v) or 2^-64 (v > 2^64: exact; x·2^-64 rounds only when
+// |x| < 2^-62, where x / v < 2^-126 quantizes to a signed 0 either way). v = +inf: d = r = 0 give x·0 = x / inf
+// (±0 for finite x, NaN for an infinite or NaN one). v = 0: scale 0 marks it for the callers (a zero V scale
+// writes 0; a zero step of a nonzero amax, amax < 63.5·2^-149, quantizes x / 0 as ±127 / 1).
+struct Divisor {
+  float d, r, scale;
+};
+__device__ __forceinline__ Divisor divisor(float v) {
+  if (fast_divisor(v)) return {v, rcp_rn(v), 1.0f};
+  if (v == 0.0f) return {1.0f, 1.0f, 0.0f};
+  if (isinf(v)) return {0.0f, 0.0f, 1.0f};
+  const float scale = v < 0x1p-64f ? 0x1p100f : 0x1p-64f, d = v * scale;
+  return {d, rcp_rn(d), scale};
+}
+
+// RN(a / 127) for a >= 0 or +inf (a group's step, a scale's factor), bit for bit as the IEEE division (checked on
+// the device for every such a): quotient() where it is exact; below 2^-100 scaled by 2^100 while the result is
+// normal, and below 2^-119 (a subnormal result) by integer division of a's multiples of 2^-149.
+__device__ __forceinline__ float div127(float a) {
+  constexpr float kRcp127 = 0x1.020408p-7f;  // RN(1/127)
+  if (a >= 0x1p-100f) return a <= 0x1.fffffep127f ? quotient(a, 127.0f, kRcp127) : a;
+  if (a >= 0x1p-119f) return quotient(a * 0x1p100f, 127.0f, kRcp127) * 0x1p-100f;
+  const uint32_t n = __float2uint_rz(a * 0x1p100f * 0x1p49f);  // a / 2^-149 < 2^30, exact
+  const uint32_t k = n / 127u;
+  return __uint_as_float(k + (n - 127u * k > 63u ? 1u : 0u));  // 127 is odd: no ties
+}
+
+// The INT8 byte of a quotient q = x / step in the low byte of the result: clamp(rint(q), ±127) of the
+// specification, the upper clamp at `high` (see quantize_int8x8). fmaxf first takes NaN to −127, as the clamp of
+// rint(NaN) did; adding 1.5·2^23 rounds to an integer, ties to even, in the low mantissa bits.
+__device__ __forceinline__ uint32_t int8_bits(float q, float high) {
+  return __float_as_uint(__fadd_rn(fminf(fmaxf(q, -127.0f), high), 0x1.8p23f));
+}
+
+// The low bytes of four words as one word, in order.
+__device__ __forceinline__ uint32_t pack_low_bytes(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
 
 // amax of nonnegative floats through their bit patterns (ordered like unsigned ints).
@@ -63,17 +133,24 @@ __device__ __forceinline__ float row_abs_max(const float (&x)[8], int lanes) {
   return row_lanes_max(m, lanes);
 }
 
-// 8 channels as INT8 steps of amax / 127 of their group (all 0 for an all-zero group), packed for one 8-byte
-// store.
-__device__ __forceinline__ uint2 quantize_int8x8(const float (&x)[8], float amax) {
-  const float step = amax / 127.0f;
-  uint32_t packed[2] = {0u, 0u};
+// 8 channels as INT8 steps of their group (the divisor of its step amax / 127; all 0 for an all-zero group),
+// packed for one 8-byte store. Scaled divisors (steps beyond 2^±64, or 0) first scale the values in place (x is
+// not the input afterwards), in a branch uniform per group.
+__device__ __forceinline__ uint2 quantize_int8x8(float (&x)[8], float amax, const Divisor& step) {
+  if (amax == 0.0f) return make_uint2(0u, 0u);
+  // With a normal step |x / step| <= 127.00002 (|x| <= amax, step = RN(amax / 127)), the upper clamp never binds;
+  // a subnormal step (amax < 2^-119) has few bits and amax / step can pass 127.5: then the clamp is at 127.
+  float high = 0x1p30f;
+  if (step.scale != 1.0f) {
+    // A zero step (d = r = 1): x / 0 is ±inf (±127), or NaN for x = ±0 or NaN (−127); ±127 / 1 quantizes so.
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int8_t q = quantize_int8(x[i], step, amax == 0.0f);
-    packed[i / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (i % 4));
+    for (int i = 0; i < 8; ++i) x[i] = step.scale == 0.0f ? (x[i] > 0.0f ? 127.0f : -127.0f) : x[i] * step.scale;
+    high = 127.0f;
   }
-  return make_uint2(packed[0], packed[1]);
+  uint32_t b[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) b[i] = int8_bits(quotient(x[i], step.d, step.r), high);
+  return make_uint2(pack_low_bytes(b[0], b[1], b[2], b[3]), pack_low_bytes(b[4], b[5], b[6], b[7]));
 }
 
 // Eight consecutive channels of one token row as they are stored (loaded before they are needed, so that a
@@ -222,9 +299,23 @@ __device__ __forceinline__ void pool_tile(const uint4 (&raw)[Iters], int token0,
     out_flags[chunk0 + threadIdx.x] = chunk_flags[threadIdx.x];
 }
 
-// Row stride of the transposed e4m3 V tile in shared memory: 4 bytes more than a tile row, so that the byte
-// stores of the 16 channel groups of a token land in different banks (a 64-byte stride put them all in one).
-constexpr int kVtRow = kBlockK + 4;
+// The transposed e4m3 V tile in shared memory, [D][kBlockK] bytes: a thread writes kIters consecutive key
+// positions of each of its 8 channels as one store (a word at D128), 16-byte pieces of a channel row go out to the
+// global tile. Row pairs and words are swizzled so that a warp's word stores at D128 (16 channel groups c = 8·lane_c
+// + i, 2 words each) hit 32 different banks: channel c's row is c with bit 0 flipped by bit 3 (the parity of
+// lane_c), its word w is w ^ 2·(bits 4..6 of c). The 16-byte pieces stay whole (their word pairs may swap).
+__device__ __forceinline__ int vt_row(int c) { return c ^ ((c >> 3) & 1); }
+__device__ __forceinline__ int vt_word_xor(int c) { return ((c >> 4) & 7) << 1; }
+__device__ __forceinline__ int vt_offset(int c, int pos) {
+  return vt_row(c) * kBlockK + (((pos >> 2) ^ vt_word_xor(c)) << 2) + (pos & 3);
+}
+
+// The key of permuted position pos (the inverse of the kernels' permuted_key within each 32-key chunk): positions
+// 4q4 + 2hi + lo of a 16-key half hold keys 8hi + 2q4 + lo.
+__device__ __forceinline__ int key_at_position(int pos) {
+  const int w = pos % 32;
+  return (pos / 32) * 32 + (w / 16) * 16 + ((w % 4) / 2) * 8 + ((w % 16) / 4) * 2 + w % 2;
+}
 
 // The tokens of each K/V statistics split: whole 64-token chunks (stage 1's raw K sums never straddle two); the
 // last split may be shorter or empty.
@@ -399,15 +490,21 @@ __device__ __forceinline__ void load_floats8(const float* at, float (&out)[8]) {
 
 // The tile's rows are loaded once, all at the start (kIters 16-byte loads in flight per thread, for K and for
 // V), and kept in registers for the group maxima and the quantization. A thread's K rows are consecutive tokens
-// (the pooling's sub-trees, Pool); its V rows are kRows apart (the transposed stores spread over the banks).
-// Pool: stage 1's pooling of K − km (p.pool); with p.k8 null it only pools. The pass waits on its loads and the
-// pooling lengthens the time between a CTA's loads, so its instantiations are held to 64 registers (4 CTAs per SM)
-// at D <= 128.
+// (the pooling's sub-trees, Pool); its V rows are the keys of kIters consecutive permuted positions (one store per
+// channel into the transposed tile). Pool: stage 1's pooling of K − km (p.pool); with p.k8 null it only pools. The
+// pass waits on its loads, so its instantiations are held to 64 registers (4 CTAs per SM) at D <= 128 and to 128
+// (2 CTAs) at D256 (unbounded, the divisors of the D256 pass took 162; bf16 with pooling spilled at 128).
+template <bool Bf16, int D, bool Pool>
+constexpr int quantize_kv_ctas() {
+  return D <= 128 ? 4 : Pool && Bf16 ? 1 : 2;
+}
+
 template <bool Bf16, int D, bool Gather, bool Pool>
-__global__ void __launch_bounds__(kThreads, Pool && D <= 128 ? 4 : 1) quantize_kv_kernel(const PreprocessParams p) {
-  extern __shared__ uint8_t vt[];  // the transposed e4m3 V tile [D][kVtRow]
+__global__ void __launch_bounds__(kThreads, quantize_kv_ctas<Bf16, D, Pool>()) quantize_kv_kernel(const PreprocessParams p) {
+  extern __shared__ __align__(16) uint8_t vt[];  // the transposed e4m3 V tile [D][kBlockK], swizzled (vt_offset)
   __shared__ unsigned amax_bits[8];
   constexpr int kLanes = D / 8, kRows = kThreads / kLanes, kIters = (kBlockK + kRows - 1) / kRows;
+  static_assert(kIters * kRows == kBlockK && kIters <= 8, "a thread's V positions are within one 16-key half");
   __shared__ float pool_smem[Pool ? 2 * kRows * D : 1];
   __shared__ int chunk_flags[1];
   const int bh = blockIdx.y, b = bh / p.heads_kv, h = bh % p.heads_kv;
@@ -416,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, Pool && D <= 128 ? 4 : 1) quantize_k
   const bool per_thread = p.granularity == static_cast<int>(Granularity::PerThread);
   const bool quantize = p.k8 != nullptr;
   auto k_row = [&](int it) { return lane_r * kIters + it; };
-  auto v_row = [&](int it) { return it * kRows + lane_r; };
+  auto v_row = [&](int it) { return key_at_position(lane_r * kIters + it); };
   auto present = [&](int r) { return r < kBlockK && token0 + r < p.tokens_k; };
 
   uint4 k_raw[kIters], v_raw[kIters];
@@ -452,18 +549,29 @@ __global__ void __launch_bounds__(kThreads, Pool && D <= 128 ? 4 : 1) quantize_k
       if (lane_c == 0) shared_max(&amax_bits[per_thread ? k_row(it) % 8 : 0], m);
     }
     __syncthreads();
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
+    auto store_row = [&](int it, float amax, const Divisor& step) {
       const int r = k_row(it);
-      if (!present(r)) continue;
+      if (!present(r)) return;
       float x[8];
       smoothed(it, x);
       *reinterpret_cast<uint2*>(p.k8 + (static_cast<int64_t>(bh) * p.tokens_k + token0 + r) * D + lane_c * 8) =
-          quantize_int8x8(x, __uint_as_float(amax_bits[per_thread ? r % 8 : 0]));
+          quantize_int8x8(x, amax, step);
+    };
+    if (per_thread) {
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const float amax = __uint_as_float(amax_bits[k_row(it) % 8]);
+        store_row(it, amax, divisor(div127(amax)));
+      }
+    } else {
+      const float amax = __uint_as_float(amax_bits[0]);
+      const Divisor step = divisor(div127(amax));  // one per tile
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) store_row(it, amax, step);
     }
     if (threadIdx.x < (per_thread ? 8 : 1)) {
       const int group = per_thread ? tile * 8 + threadIdx.x : tile;
-      p.k_scale[static_cast<int64_t>(bh) * p.k_groups + group] = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
+      p.k_scale[static_cast<int64_t>(bh) * p.k_groups + group] = div127(__uint_as_float(amax_bits[threadIdx.x]));
     }
   }
   if constexpr (Pool) {
@@ -479,38 +587,65 @@ __global__ void __launch_bounds__(kThreads, Pool && D <= 128 ? 4 : 1) quantize_k
   if (Pool) load_v();
   float vs[8];
   load_floats8(p.v_scale + static_cast<int64_t>(bh) * D + lane_c * 8, vs);
+  // This thread's bytes of channel c: kIters consecutive positions from pos0, one store (kIters <= 8 bytes,
+  // aligned, inside one swizzled word pair).
+  const int pos0 = lane_r * kIters;
+  auto store_bytes = [&](int c, const uint32_t (&w)[(kIters + 3) / 4]) {
+    uint8_t* at = vt + vt_offset(c, pos0);
+    if constexpr (kIters == 1) *at = static_cast<uint8_t>(w[0]);
+    else if constexpr (kIters == 2) *reinterpret_cast<uint16_t*>(at) = static_cast<uint16_t>(w[0]);
+    else if constexpr (kIters == 4) *reinterpret_cast<uint32_t*>(at) = w[0];
+    else *reinterpret_cast<uint2*>(at) = make_uint2(w[0], w[1]);
+  };
+  auto v_value = [&](int it, int i) {
+    const uint32_t word = i / 2 == 0 ? v_raw[it].x : i / 2 == 1 ? v_raw[it].y : i / 2 == 2 ? v_raw[it].z : v_raw[it].w;
+    return to_float<Bf16>(static_cast<uint16_t>(i % 2 ? word >> 16 : word & 0xffffu));
+  };
+  // Per channel: quotient()'s d and r (a zero scale's bytes are 0 whatever they give), and whether any channel's scale
+  // is beyond fast_divisor (then x is scaled first: divisor(), uniform per thread).
+  float vd[8], vr[8];
+  bool scaled = false;
 #pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int r = v_row(it);
-    if (r >= kBlockK) continue;
-    const int within = r % 32, hi = (within % 16) / 8, q4 = (within % 8) / 2;
-    const int pos = (r / 32) * 32 + (within / 16) * 16 + q4 * 4 + hi * 2 + within % 2;  // permuted_key⁻¹
-    const bool in_sequence = token0 + r < p.tokens_k;
-    float x[8];
-    unpack8<Bf16>(v_raw[it], x);
+  for (int i = 0; i < 8; ++i) {
+    const Divisor s = divisor(vs[i]);
+    vd[i] = s.d, vr[i] = s.r;
+    scaled = scaled || (s.scale != 1.0f && vs[i] != 0.0f);
+  }
+  // The tail's missing keys were loaded as +0: their quotients are +0, e4m3 0x00, as written for them before.
+  auto store_channels = [&](auto scale_of) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      uint8_t e = 0;
-      if (in_sequence && vs[i] > 0.0f)
-        e = static_cast<uint8_t>(__nv_cvt_float_to_fp8(x[i] / vs[i], __NV_SATFINITE, __NV_E4M3));
-      vt[(lane_c * 8 + i) * kVtRow + pos] = e;
+      uint32_t w[(kIters + 3) / 4] = {};
+#pragma unroll
+      for (int it = 0; it < kIters; it += 2) {
+        const float lo = quotient(v_value(it, i) * scale_of(i), vd[i], vr[i]);
+        const float hi = kIters > 1 ? quotient(v_value(it + 1, i) * scale_of(i), vd[i], vr[i]) : 0.0f;
+        const uint32_t pair = __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
+        w[it / 4] |= pair << (8 * (it % 4));
+      }
+#pragma unroll
+      for (int k = 0; k < (kIters + 3) / 4; ++k) w[k] = vs[i] > 0.0f ? w[k] : 0u;
+      store_bytes(lane_c * 8 + i, w);
     }
-  }
+  };
+  if (!scaled) store_channels([](int) { return 1.0f; });
+  else store_channels([&](int i) { return divisor(vs[i]).scale; });
   __syncthreads();
-  for (int i = threadIdx.x; i < D * (kBlockK / 4); i += kThreads) {
-    const int c = i / (kBlockK / 4), word = i % (kBlockK / 4);
-    *reinterpret_cast<uint32_t*>(p.v8t + (static_cast<int64_t>(bh) * D + c) * p.vt_stride + token0 + word * 4) =
-        *reinterpret_cast<const uint32_t*>(vt + c * kVtRow + word * 4);
+  // 16-byte pieces of the channel rows; a piece whose word pairs the swizzle swapped is put back in order.
+  for (int i = threadIdx.x; i < D * (kBlockK / 16); i += kThreads) {
+    const int c = i / (kBlockK / 16), piece = i % (kBlockK / 16), x = vt_word_xor(c);
+    const uint4 s = *reinterpret_cast<const uint4*>(vt + vt_row(c) * kBlockK + ((piece ^ (x >> 2)) << 4));
+    *reinterpret_cast<uint4*>(p.v8t + (static_cast<int64_t>(bh) * D + c) * p.vt_stride + token0 + piece * 16) =
+        x & 2 ? make_uint4(s.z, s.w, s.x, s.y) : s;
   }
 }
 
-// CTAs per SM that quantize_q must fit when it pools, as quantize_kv: 2 CTAs (fp16 at D128 takes 91 registers
-// unbounded) left the memory idle; 3 fit without spilling (bf16 and D256 would spill). (4 CTAs without pooling,
-// 64 registers, took the plain pass from 458 to 418 us at D128 N16K but made the division slowpath spill, and the
-// end-to-end time did not move: not kept.)
+// CTAs per SM that quantize_q must fit. When it pools, as quantize_kv: 2 CTAs (fp16 at D128 takes 91 registers
+// unbounded) left the memory idle; 3 fit without spilling (bf16 and D256 would spill). Without pooling 4 at
+// D <= 128 (64 registers) and 2 at D256: with no division left there is no slow path to spill (it did before).
 template <bool Bf16, int D, bool Pool>
 constexpr int quantize_q_ctas() {
-  return Pool && !Bf16 && D <= 128 ? 3 : 1;
+  return Pool ? (!Bf16 && D <= 128 ? 3 : 1) : (D <= 128 ? 4 : 2);
 }
 
 // As quantize_kv: the tile's rows loaded once, at the start, and kept in registers; a thread's rows are
@@ -566,8 +701,7 @@ __global__ void __launch_bounds__(kThreads, quantize_q_ctas<Bf16, D, Pool>()) qu
       if (lane_c == 0) shared_max(&amax_bits[local_group(row(it))], m);
     }
     __syncthreads();
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
+    auto store_row = [&](int it, float amax, const Divisor& step) {
       const int r = row(it);
       const int token = token0 + r;
       const bool active = valid(it);
@@ -575,25 +709,39 @@ __global__ void __launch_bounds__(kThreads, quantize_q_ctas<Bf16, D, Pool>()) qu
       if (active) {
         float x[8];
         unpack8<Bf16>(raw[it], x);
-        *reinterpret_cast<uint2*>(p.q8 + (static_cast<int64_t>(bh) * p.tokens_q + token) * D + lane_c * 8) =
-            quantize_int8x8(x, __uint_as_float(amax_bits[local_group(r)]));
-        if (p.want_q_km) {
+        if (p.want_q_km) {  // before the quantization, which may scale x in place
 #pragma unroll
           for (int i = 0; i < 8; ++i) dot += x[i] * km[i];
         }
+        *reinterpret_cast<uint2*>(p.q8 + (static_cast<int64_t>(bh) * p.tokens_q + token) * D + lane_c * 8) =
+            quantize_int8x8(x, amax, step);
       }
       if (p.want_q_km) {
         // lanes of one row are consecutive and aligned to a power of two (kLanes = D/8 <= 32)
         for (int off = 1; off < kLanes; off *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
         if (active && lane_c == 0) p.q_km[static_cast<int64_t>(bh) * p.tokens_q + token] = p.scale * dot;
       }
+    };
+    // A thread's rows (kIters <= 16 consecutive, aligned) share one group unless per thread.
+    static_assert(kIters <= 16 && 16 % kIters == 0, "a thread's rows inside one 16-row group");
+    if (p.granularity == static_cast<int>(Granularity::PerThread)) {
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const float amax = __uint_as_float(amax_bits[local_group(row(it))]);
+        store_row(it, amax, divisor(div127(amax)));
+      }
+    } else {
+      const float amax = __uint_as_float(amax_bits[local_group(row(0))]);
+      const Divisor step = divisor(div127(amax));
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) store_row(it, amax, step);
     }
     const int groups_here = p.granularity == static_cast<int>(Granularity::PerBlock) ? 1
                             : p.granularity == static_cast<int>(Granularity::PerWarp) ? 8 : 64;
     if (threadIdx.x < groups_here) {
       const int group = tile * groups_here + threadIdx.x;
       if (group < p.q_groups) {
-        const float step = __uint_as_float(amax_bits[threadIdx.x]) / 127.0f;
+        const float step = div127(__uint_as_float(amax_bits[threadIdx.x]));
         p.q_scale[static_cast<int64_t>(bh) * p.q_groups + group] = step * p.scale * kLog2E;
       }
     }
@@ -618,7 +766,7 @@ cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   }
   {
     const dim3 grid((p.tokens_k + kBlockK - 1) / kBlockK, p.batch * p.heads_kv);
-    const size_t smem = p.fp8_v ? D * kVtRow : 0;
+    const size_t smem = p.fp8_v ? D * kBlockK : 0;
     quantize_kv_kernel<Bf16, D, Gather, Pool><<<grid, kThreads, smem, stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
