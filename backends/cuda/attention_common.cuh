@@ -317,27 +317,36 @@ __device__ __forceinline__ bool stage2_skips_tile(const float (&tile_max)[2], co
   return false;
 }
 
-// Online softmax of one tile: the new running max, alpha = exp2(old max − new max) (the factor of the old O and
-// l), s -> P = exp2(s − max) in place (P·448 when P448, for e4m3 P), and this thread's partial row sums
-// l = l·alpha + Σ P. A row with no key yet keeps max -inf and uses 0 for it.
+// The new running maxima of a tile's rows, alpha = exp2(old max − new max) (the factor of the old O and l), and
+// minus_shift, the negated shift that takes the logits to P = exp2(logit − shift) (P·448 when P448, for e4m3 P:
+// the shift is then max − log2 448). A row with no key yet keeps max -inf and uses 0 for it. (Adding
+// minus_shift is subtracting the shift, bit for bit.)
 template <bool P448>
-__device__ __forceinline__ void online_softmax_update(float (&s)[8][4], const float (&tile_max)[2],
-                                                      float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2]) {
-  float shift[2];
+__device__ __forceinline__ void update_row_max(const float (&tile_max)[2], float (&row_max)[2], float (&alpha)[2],
+                                               float (&minus_shift)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float mx = fmaxf(row_max[h], tile_max[h]);
     const float use = mx == -INFINITY ? 0.0f : mx;
     alpha[h] = fast_exp2(row_max[h] - use);
     row_max[h] = mx;
-    shift[h] = P448 ? use - kLog2Of448 : use;
+    minus_shift[h] = P448 ? kLog2Of448 - use : -use;
   }
+}
+
+// Online softmax of one tile: update_row_max, s -> P = exp2(s − shift) in place, and this thread's partial row sums
+// l = l·alpha + Σ P.
+template <bool P448>
+__device__ __forceinline__ void online_softmax_update(float (&s)[8][4], const float (&tile_max)[2],
+                                                      float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2]) {
+  float minus_shift[2];
+  update_row_max<P448>(tile_max, row_max, alpha, minus_shift);
   float sum[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[n][e] = fast_exp2(s[n][e] - shift[e >> 1]);
+      s[n][e] = fast_exp2(s[n][e] + minus_shift[e >> 1]);
       sum[e >> 1] += s[n][e];
     }
   }

@@ -113,20 +113,6 @@ __device__ __forceinline__ void issue_pv_wgmma(float (&tile_acc)[D / 2], const u
   wgmma_commit();
 }
 
-// The new running maxima of a tile's rows, alpha = exp2(old max − new max) and the shift that takes the logits
-// to P·448 (the e4m3 range): exp2(logit − shift). A row with no key yet keeps max -inf and uses 0 for it.
-__device__ __forceinline__ void update_row_max(const float (&tile_max)[2], float (&row_max)[2], float (&alpha)[2],
-                                               float (&minus_shift)[2]) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float mx = fmaxf(row_max[h], tile_max[h]);
-    const float use = mx == -INFINITY ? 0.0f : mx;
-    alpha[h] = fast_exp2(row_max[h] - use);
-    row_max[h] = mx;
-    minus_shift[h] = kLog2Of448 - use;
-  }
-}
-
 // The online softmax of one tile on the sm90a path (docs/NUMERICS.md): P·448 into p448, alpha, and the running
 // max and sum of this thread's rows. Returns true, touching nothing, when SpargeAttn stage 2 (Stage2) skips the
 // tile for the warp (stage2_skips_tile).
@@ -153,7 +139,7 @@ __device__ __forceinline__ bool tile_softmax_p448(const AttentionParams& p, bool
     tile_row_max(p448, tile_max);
     if (Stage2 && stage2_skips_tile(tile_max, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total))
       return true;
-    update_row_max(tile_max, row_max, alpha, minus_shift);
+    update_row_max<true>(tile_max, row_max, alpha, minus_shift);
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -161,7 +147,7 @@ __device__ __forceinline__ bool tile_softmax_p448(const AttentionParams& p, bool
   } else {
     const int (&a)[8][4] = n_tiles(acc);
     tile_row_max_s32(a, qk_scale0, qk_scale1, tile_max);
-    update_row_max(tile_max, row_max, alpha, minus_shift);
+    update_row_max<true>(tile_max, row_max, alpha, minus_shift);
     const Sm90IntToFloat to_float;
 #pragma unroll
     for (int n = 0; n < 8; ++n)
