@@ -374,12 +374,12 @@ TEST_CASE("cuda SPARQ_CUDA_PATH selects each built path") {
   } catch (const Error& e) {
     CHECK(e.status() == Status::InvalidArgument);
   }
-  // The sm90a path has three kernel choices (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_KERNEL, read per launch.
+  // The sm90a path has four kernel choices (backends/cuda/attention_sm90a.cuh): SPARQ_SM90_KERNEL, read per launch.
   ScopedEnv sm90_kernel("SPARQ_SM90_KERNEL", nullptr);
   for (const char* path : {"sm80", "sm89", "sm90a"}) {
     cuda_path.set(path);
     Context ctx = Context::create(Backend::Cuda);
-    for (const char* kernel : {"serial", "ws", "ws-free"}) {
+    for (const char* kernel : {"wide", "serial", "ws", "ws-free"}) {
       if (std::string(path) != "sm90a" && std::string(kernel) != "serial") continue;
       sm90_kernel.set(kernel);
       for (PVPrecision pv : {PVPrecision::Fp16, PVPrecision::Fp8})

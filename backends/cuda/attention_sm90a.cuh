@@ -1,17 +1,20 @@
 // The quantized attention kernels of the sm90a path (wgmma + TMA), instantiated by the generated
-// templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only). Two kernels share the
+// templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only). The kernels share the
 // per-warp numerics of the mma.sync kernel (attention_common.cuh, docs/NUMERICS.md) and its tile (64 keys):
 //
-// attention_sm90_kernel ("serial", the default): one CTA = one warpgroup (4 warps) computes BLOCK_Q = 64 query
-// rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64). Thread 0 streams Q once, and (warp 0
-// walking the tile list) the K (INT8, [key][channel]) and transposed e4m3 V ([channel][key], keys permuted inside 32-key chunks) tiles of
-// 64 keys with bulk tensor copies (TMA) into a ring of stages, each completing on its mbarrier. The TMA writes
-// the wgmma 128B (128-byte rows) and 64B (64-byte rows) swizzles (SwizzledTile), so both operands are read by
-// descriptor (wgmma.cuh). Per key tile: S = Q8·K8ᵀ as wgmma m64n64k32 s8·s8 -> s32 (D/32 steps, both operands
-// in shared memory) -> base-2 logits -> online softmax (per warp) -> P·448 as e4m3 in registers (the wgmma A
-// fragment equals the mma.sync one) -> per-tile P·V with wgmma m64nDk32 e4m3 (A from registers, Vᵀ from shared
-// memory) -> O = O·alpha + tile (two-level accumulation, as on the sm89 path). The other CTAs of the SM fill the
-// tensor cores while one runs its softmax.
+// attention_sm90_wide_kernel ("wide", the default where there is no block mask and no stage-2 skip): the serial
+// kernel below with softmax steps of 128 keys (its comment further down).
+//
+// attention_sm90_kernel ("serial", the default with a block mask or the stage-2 skip): one CTA = one warpgroup
+// (4 warps) computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64).
+// Thread 0 streams Q once, and (warp 0 walking the tile list) the K (INT8, [key][channel]) and transposed e4m3 V
+// ([channel][key], keys permuted inside 32-key chunks) tiles of 64 keys with bulk tensor copies (TMA) into a ring
+// of stages, each completing on its mbarrier. The TMA writes the wgmma 128B (128-byte rows) and 64B (64-byte rows)
+// swizzles (SwizzledTile), so both operands are read by descriptor (wgmma.cuh). Per key tile: S = Q8·K8ᵀ as wgmma
+// m64n64k32 s8·s8 -> s32 (D/32 steps, both operands in shared memory) -> base-2 logits -> online softmax (per
+// warp) -> P·448 as e4m3 in registers (the wgmma A fragment equals the mma.sync one) -> per-tile P·V with wgmma
+// m64nDk32 e4m3 (A from registers, Vᵀ from shared memory) -> O = O·alpha + tile (two-level accumulation, as on the
+// sm89 path). The other CTAs of the SM fill the tensor cores while one runs its softmax.
 //
 // attention_sm90_ws_kernel ("ws"): warp-specialized, a producer warpgroup and 2 pipelined consumer
 // warpgroups (its comment below). Correct and tested, but slower than the kernel above on the H100 (bench/
@@ -38,6 +41,7 @@ using Sm90IntToFloat = CvtIntToFloat;
 template <int D>
 struct Sm90Config {
   static constexpr int kBlockQ = 64;
+  static constexpr int kKeys = kBlockK;  // keys per stage (the TMA boxes)
   static constexpr int kThreads = 128;
   using KTile = SwizzledTile<kBlockK, D>;  // [key][channel] int8: 128B swizzle (D128) or 64B (D64)
   using VTile = SwizzledTile<D, kBlockK>;  // [channel][key] e4m3: 64B swizzle
@@ -324,6 +328,7 @@ template <int D>
 struct Sm90WsConfig {
   static constexpr int kConsumers = 2;
   static constexpr int kBlockQ = 64 * kConsumers;
+  static constexpr int kKeys = kBlockK;  // keys per stage (the TMA boxes)
   static constexpr int kThreads = 128 * (kConsumers + 1);
   using KTile = SwizzledTile<kBlockK, D>;  // [key][channel] int8
   using VTile = SwizzledTile<D, kBlockK>;  // [channel][key] e4m3
@@ -532,6 +537,215 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
 #endif
 }
 
+
+// ==== The wide kernel: softmax steps of 128 keys ===================================================================
+//
+// attention_sm90_wide_kernel ("wide", the default without a block mask or the stage-2 skip): the serial kernel's
+// structure with a softmax step of 128 keys (two 64-key S accumulators) instead of 64. Per 128 keys there is then
+// one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one fold into O, one barrier and one
+// stage wait: the per-step overhead, about a third of the serial kernel's instructions, is paid half as often.
+// The result differs from the 64-key order only in rounding (docs/NUMERICS.md, "Where the GPU kernels may round
+// differently"). Stages of 32 KB (K 128 x D int8, Vᵀ D x 128 e4m3 with 128B swizzle), 2 of them.
+template <int D>
+struct Sm90WideConfig {
+  static constexpr int kBlockQ = 64;
+  static constexpr int kKeys = 2 * kBlockK;  // one softmax step
+  static constexpr int kThreads = 128;
+  using KTile = SwizzledTile<kKeys, D>;  // [key][channel] int8
+  using VTile = SwizzledTile<D, kKeys>;  // [channel][key] e4m3: 128B swizzle
+  using QTile = SwizzledTile<kBlockQ, D>;
+  static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
+  static constexpr int kStages = 2;
+  static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + 8 * (kStages + 1) + 1024;
+  static constexpr int kMinBlocks = D <= 64 ? 4 : 3;
+  static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
+};
+
+// The first 128-key step that needs per-element masking for the warp at warp_row0 (first_masked_tile, per step).
+__device__ __forceinline__ int first_masked_step(const AttentionParams& p, int warp_row0, int causal_offset) {
+  constexpr int kKeys = 2 * kBlockK;
+  int first = p.tokens_k / kKeys;
+  if (p.causal) {
+    const int last_key = warp_row0 + causal_offset;
+    first = min(first, last_key < kKeys - 1 ? 0 : (last_key - (kKeys - 1)) / kKeys + 1);
+  }
+  return first;
+}
+
+// P·448 of one 64-key half into its two e4m3 A fragments, and its row sums (pairwise trees) added to sum. P·448 =
+// exp2(exponent(n, e)): from masked logits, or from the accumulator in one FFMA (tile_softmax_p448).
+template <typename Exponent>
+__device__ __forceinline__ void half_p448(Exponent exponent, float (&sum)[2], uint32_t (&pa)[2][4]) {
+  float p448[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p448[n][e] = fast_exp2(exponent(n, e));
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float part[8];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) part[n] = p448[n][2 * h] + p448[n][2 * h + 1];
+#pragma unroll
+    for (int w = 4; w >= 1; w /= 2)
+#pragma unroll
+      for (int n = 0; n < w; ++n) part[n] += part[n + w];
+    sum[h] += part[0];
+  }
+  pack_p_e4m3(p448, pa);
+}
+
+template <int D>
+__global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>::kMinBlocks)
+    attention_sm90_wide_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
+                               const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = Sm90WideConfig<D>;
+  using KTile = typename Cfg::KTile;
+  using QTile = typename Cfg::QTile;
+  constexpr int kKeys = Cfg::kKeys;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kDTiles = D / 8;
+  extern __shared__ __align__(1024) unsigned char smem[];
+
+  const RowCoords rc = row_coords<Cfg::kBlockQ>(p);
+  const int hq = rc.hq, b = rc.b, hkv = rc.hkv, g = rc.g, t = rc.t;
+  const int q0 = rc.q0, warp_row0 = rc.warp_row0, causal_offset = rc.causal_offset;
+  // The steps this CTA visits: [0, steps), cut at the causal diagonal of its last row.
+  int steps = (p.tokens_k + kKeys - 1) / kKeys;
+  if (p.causal) {
+    const int last_key = min(q0 + Cfg::kBlockQ, p.tokens_q) - 1 + causal_offset;
+    steps = last_key < 0 ? 0 : min(steps, last_key / kKeys + 1);
+  }
+
+  const uint32_t smem_base = (smem_address(smem) + 1023u) & ~1023u;
+  const uint32_t q_smem = smem_base + kStages * Cfg::kStageBytes;
+  const uint32_t bars = q_smem + QTile::kBytes;  // full[stage] at bars + 8·stage, Q's at bars + 8·kStages
+  const uint32_t q_bar = bars + 8u * kStages;
+  const int kv_row = b * p.heads_kv + hkv;
+  auto load_step = [&](int step, int stage) {
+    const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
+    mbarrier_arrive_expect_tx(bars + 8u * stage, Cfg::kStageBytes);
+    tma_load_3d(k_dst, &k_map, bars + 8u * stage, 0, step * kKeys, kv_row);
+    tma_load_3d(k_dst + KTile::kBytes, &v_map, bars + 8u * stage, step * kKeys, 0, kv_row);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s <= kStages; ++s) mbarrier_init(bars + 8u * s, 1);
+    fence_mbarrier_init();
+    mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
+    tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
+    for (int s = 0; s < kStages - 1 && s < steps; ++s) load_step(s, s);
+  }
+  __syncthreads();  // the barriers are initialized
+
+  const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, steps);
+  const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.k_groups;
+  const int mask_from = first_masked_step(p, warp_row0, causal_offset);
+  mbarrier_wait(q_bar, 0);
+  const uint64_t q_desc = smem_descriptor<D>(q_smem);
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this thread's partial sums of P·448
+
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % kStages;
+    mbarrier_wait(bars + 8u * stage, (step / kStages) & 1);  // the step's K and Vᵀ are in shared memory
+    __syncthreads();  // every wgmma of the previous step has completed: its stage is free
+    if (threadIdx.x == 0 && step + kStages - 1 < steps) load_step(step + kStages - 1, (step + kStages - 1) % kStages);
+    const uint32_t k_smem = smem_base + stage * Cfg::kStageBytes;
+    const uint32_t v_smem = k_smem + KTile::kBytes;
+
+    // ---- S = Q8 · K8ᵀ as two 64 x 64 halves (s32), one commit group ---------------------------------------------
+    int acc0[32], acc1[32];
+    const uint64_t k_desc = smem_descriptor<D>(k_smem);
+    constexpr uint32_t kHalf = (kBlockK * D) >> 4;  // the second half's 64 key rows, in descriptor units
+    wgmma_fence();
+    wgmma_s8_m64n64k32_zero(acc0, q_desc, k_desc);
+#pragma unroll
+    for (int kk = 1; kk < D / 32; ++kk) wgmma_s8_m64n64k32(acc0, q_desc + 2 * kk, k_desc + 2 * kk, 1);
+    wgmma_s8_m64n64k32_zero(acc1, q_desc, k_desc + kHalf);
+#pragma unroll
+    for (int kk = 1; kk < D / 32; ++kk) wgmma_s8_m64n64k32(acc1, q_desc + 2 * kk, k_desc + kHalf + 2 * kk, 1);
+    wgmma_commit();
+
+    // K scales of the two 64-key halves (the K groups' tiles 2·step and 2·step + 1) while the MMAs run.
+    float sc00, sc01, sc10, sc11;
+    qk_scales(p.granularity, k_scale, q_scale, 2 * step, t, sc00, sc01);
+    qk_scales(p.granularity, k_scale, q_scale, 2 * step + 1, t, sc10, sc11);
+    wgmma_wait<0>();
+    register_fence(acc0);
+    register_fence(acc1);
+
+    // ---- online softmax over the 128 keys --------------------------------------------------------------------
+    // Masked and unmasked steps are separate branches, so that the accumulators and the logits are never live
+    // together (D128 spills otherwise).
+    float tile_max[2], max1[2], alpha[2], minus_shift[2];
+    float sum[2] = {0.0f, 0.0f};
+    uint32_t pa[4][4];  // four 32-key chunks, keys in permuted_key order (the layout of v8t)
+    auto& pa0 = reinterpret_cast<uint32_t (&)[2][4]>(pa[0]);
+    auto& pa1 = reinterpret_cast<uint32_t (&)[2][4]>(pa[2]);
+    if (step >= mask_from) {
+      const int key0 = step * kKeys;
+      float s0[8][4], s1[8][4];
+      dequantize_logits<Sm90IntToFloat>(n_tiles(acc0), sc00, sc01, s0);
+      dequantize_logits<Sm90IntToFloat>(n_tiles(acc1), sc10, sc11, s1);
+      mask_tile_elements(p, key0, warp_row0, g, t, causal_offset, s0);
+      mask_tile_elements(p, key0 + kBlockK, warp_row0, g, t, causal_offset, s1);
+      tile_row_max(s0, tile_max);
+      tile_row_max(s1, max1);
+      tile_max[0] = fmaxf(tile_max[0], max1[0]);
+      tile_max[1] = fmaxf(tile_max[1], max1[1]);
+      update_row_max<true>(tile_max, row_max, alpha, minus_shift);
+      half_p448([&](int n, int e) { return s0[n][e] + minus_shift[e >> 1]; }, sum, pa0);
+      half_p448([&](int n, int e) { return s1[n][e] + minus_shift[e >> 1]; }, sum, pa1);
+    } else {
+      const int (&a0)[8][4] = n_tiles(acc0);
+      const int (&a1)[8][4] = n_tiles(acc1);
+      tile_row_max_s32(a0, sc00, sc01, tile_max);
+      tile_row_max_s32(a1, sc10, sc11, max1);
+      tile_max[0] = fmaxf(tile_max[0], max1[0]);
+      tile_max[1] = fmaxf(tile_max[1], max1[1]);
+      update_row_max<true>(tile_max, row_max, alpha, minus_shift);
+      const Sm90IntToFloat to_float;
+      half_p448([&](int n, int e) { return fmaf(to_float(a0[n][e]), (e & 1) ? sc01 : sc00, minus_shift[e >> 1]); },
+                sum, pa0);
+      half_p448([&](int n, int e) { return fmaf(to_float(a1[n][e]), (e & 1) ? sc11 : sc10, minus_shift[e >> 1]); },
+                sum, pa1);
+    }
+    row_sum[0] = row_sum[0] * alpha[0] + sum[0];
+    row_sum[1] = row_sum[1] * alpha[1] + sum[1];
+
+    // ---- tile = P · V over the 128 keys (4 e4m3 k-steps), O = O·alpha + tile -----------------------------------
+    float tile_acc[kDTiles * 4];
+    const uint64_t v_desc = smem_descriptor<kKeys>(v_smem);
+    wgmma_fence();
+    if constexpr (D == 128) {
+      wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc);
+#pragma unroll
+      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n128k32_rs(tile_acc, pa[c], v_desc + 2 * c, 1);
+    } else {
+      wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc);
+#pragma unroll
+      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n64k32_rs(tile_acc, pa[c], v_desc + 2 * c, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    register_fence(tile_acc);
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) fold_tile(o[d], n_tiles(tile_acc)[d], alpha);
+  }
+
+  // ---- epilogue: O / l · v_scale, LSE (as attention_kernel.cuh) -------------------------------------------------
+  float inv[2];
+  finish_row_sums(row_sum, inv);
+  const float* v_scale = p.v_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * D;
+  store_output_rows<kDTiles, true>(p, b, hq, warp_row0, g, t, o, inv, row_max, row_sum, v_scale, Sm90Log2Lse{});
+#endif
+}
+
 // ---- host side --------------------------------------------------------------------------------------------------
 
 // cuTensorMapEncodeTiled from the driver, reached through the runtime (no link against libcuda).
@@ -565,9 +779,9 @@ inline bool encode_byte_tensor_map(CUtensorMap& map, const void* base, uint64_t 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Host side of a TMA kernel (configuration Cfg: kBlockQ query rows per CTA, kThreads, kSmemBytes): encodes the
-// tensor maps of Q8 (boxes of kBlockQ rows), K8 and Vᵀ8 (boxes of one key tile) and launches one CTA per kBlockQ
-// query rows of each (query head, batch).
+// Host side of a TMA kernel (configuration Cfg: kBlockQ query rows per CTA, kKeys keys per stage, kThreads,
+// kSmemBytes): encodes the tensor maps of Q8 (boxes of kBlockQ rows), K8 and Vᵀ8 (boxes of kKeys keys; Vᵀ rows of
+// 128 keys take the 128B swizzle) and launches one CTA per kBlockQ query rows of each (query head, batch).
 template <typename Cfg, int D, typename Kernel>
 int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream) {
   CUtensorMap q_map, k_map, v_map;
@@ -575,9 +789,9 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
       encode_byte_tensor_map(q_map, params.q8, D, params.tokens_q,
                              static_cast<uint64_t>(params.batch) * params.heads_q, D, Cfg::kBlockQ) &&
       encode_byte_tensor_map(k_map, params.k8, D, params.tokens_k,
-                             static_cast<uint64_t>(params.batch) * params.heads_kv, D, kBlockK) &&
+                             static_cast<uint64_t>(params.batch) * params.heads_kv, D, Cfg::kKeys) &&
       encode_byte_tensor_map(v_map, params.v8t, params.vt_stride, D,
-                             static_cast<uint64_t>(params.batch) * params.heads_kv, kBlockK, D);
+                             static_cast<uint64_t>(params.batch) * params.heads_kv, Cfg::kKeys, D);
   if (!encoded) return static_cast<int>(cudaErrorInvalidValue);
   if (const int e = allow_dynamic_smem<Cfg>(kernel); e != 0) return e;
   const dim3 grid((params.tokens_q + Cfg::kBlockQ - 1) / Cfg::kBlockQ, params.heads_q, params.batch);
@@ -585,17 +799,21 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
   return static_cast<int>(cudaGetLastError());
 }
 
-// Which sm90a kernel runs: SPARQ_SM90_KERNEL=serial (the default, the one-warpgroup kernel), ws (warp-specialized,
-// consumers taking turns) or ws-free (without the turns). Block masks whose blocks are not a multiple of 128 rows
-// and the stage-2 P·V skip always take the serial kernel. Read per launch, so tests can switch.
+// Which sm90a kernel runs: SPARQ_SM90_KERNEL unset or "wide" (the default): the wide kernel where it applies (no
+// block mask, no stage-2 skip), else the serial one; "serial" (the 64-key kernel always), "ws" (warp-specialized,
+// consumers taking turns) or "ws-free" (without the turns). Block masks whose blocks are not a multiple of 128
+// rows and the stage-2 P·V skip take the serial kernel under "ws" too. Read per launch, so tests can switch.
 inline const char* sm90_kernel_choice() {
   const char* e = std::getenv("SPARQ_SM90_KERNEL");
-  return e == nullptr || *e == '\0' ? "serial" : e;
+  return e == nullptr || *e == '\0' ? "wide" : e;
 }
 
 template <int D>
 int launch_attention_sm90(const AttentionParams& params, void* stream) {
   const std::string_view choice = sm90_kernel_choice();
+  const bool plain = params.pv_threshold == nullptr && params.mask_mode == static_cast<int>(MaskMode::None);
+  if (choice == "wide" && plain)
+    return launch_tma_kernel<Sm90WideConfig<D>, D>(attention_sm90_wide_kernel<D>, params, stream);
   const bool ws = (choice == "ws" || choice == "ws-free") && params.pv_threshold == nullptr &&
                   (params.mask_mode == static_cast<int>(MaskMode::None) || params.mask_block_q % 128 == 0);
   if (ws && choice == "ws") return launch_tma_kernel<Sm90WsConfig<D>, D>(attention_sm90_ws_kernel<D, true>, params, stream);
