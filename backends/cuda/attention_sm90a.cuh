@@ -2,10 +2,10 @@
 // templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only). The kernels share the
 // per-warp numerics of the mma.sync kernel (attention_common.cuh, docs/NUMERICS.md) and its tile (64 keys):
 //
-// attention_sm90_wide_kernel ("wide", the default where there is no block mask and no stage-2 skip): the serial
-// kernel below with softmax steps of 128 keys (its comment further down).
+// attention_sm90_wide_kernel ("wide", the default without the stage-2 skip, for no mask or a LUT of blocks of
+// 128·k keys): the serial kernel below with softmax steps of 128 keys (its comment further down).
 //
-// attention_sm90_kernel ("serial", the default with a block mask or the stage-2 skip): one CTA = one warpgroup
+// attention_sm90_kernel ("serial", the default otherwise): one CTA = one warpgroup
 // (4 warps) computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64).
 // Thread 0 streams Q once, and (warp 0 walking the tile list) the K (INT8, [key][channel]) and transposed e4m3 V
 // ([channel][key], keys permuted inside 32-key chunks) tiles of 64 keys with bulk tensor copies (TMA) into a ring
@@ -540,10 +540,11 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
 
 // ==== The wide kernel: softmax steps of 128 keys ===================================================================
 //
-// attention_sm90_wide_kernel ("wide", the default without a block mask or the stage-2 skip): the serial kernel's
-// structure with a softmax step of 128 keys (two 64-key S accumulators) instead of 64. Per 128 keys there is then
-// one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one fold into O, one barrier and one
-// stage wait: the per-step overhead, about a third of the serial kernel's instructions, is paid half as often.
+// attention_sm90_wide_kernel ("wide", the default without the stage-2 skip, for no mask or a LUT of blocks of
+// 128·k keys): the serial kernel's structure with a softmax step of 128 keys (two 64-key S accumulators) instead
+// of 64. Per 128 keys there is then one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one
+// fold into O, one barrier and one stage wait: the per-step overhead, about a third of the serial kernel's
+// instructions, is paid half as often.
 // The result differs from the 64-key order only in rounding (docs/NUMERICS.md, "Where the GPU kernels may round
 // differently"). Stages of 32 KB (K 128 x D int8, Vᵀ D x 128 e4m3 with 128B swizzle), 2 of them.
 template <int D>
@@ -611,11 +612,21 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
   const RowCoords rc = row_coords<Cfg::kBlockQ>(p);
   const int hq = rc.hq, b = rc.b, hkv = rc.hkv, g = rc.g, t = rc.t;
   const int q0 = rc.q0, warp_row0 = rc.warp_row0, causal_offset = rc.causal_offset;
-  // The steps this CTA visits: [0, steps), cut at the causal diagonal of its last row.
+  // The steps this CTA visits: those of [0, steps) (cut at the causal diagonal of its last row) that its LUT row
+  // lists, each LUT block being `per_block` steps (blocks of a multiple of 128 keys), or all of them.
   int steps = (p.tokens_k + kKeys - 1) / kKeys;
   if (p.causal) {
     const int last_key = min(q0 + Cfg::kBlockQ, p.tokens_q) - 1 + causal_offset;
     steps = last_key < 0 ? 0 : min(steps, last_key / kKeys + 1);
+  }
+  const int32_t* lut = nullptr;
+  int blocks = steps, per_block = 1;
+  if (p.mask_mode == static_cast<int>(MaskMode::Lut)) {
+    const int hm = hq / (p.heads_q / p.mask_heads);
+    const int64_t row = (static_cast<int64_t>(b) * p.mask_heads + hm) * p.mask_blocks_q + q0 / p.mask_block_q;
+    blocks = min(max(__ldg(p.mask_counts + row), 0), p.mask_blocks_k);
+    lut = p.mask_indices + row * p.mask_blocks_k;
+    per_block = p.mask_tiles_k / 2;
   }
 
   const uint32_t smem_base = (smem_address(smem) + 1023u) & ~1023u;
@@ -623,18 +634,41 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
   const uint32_t bars = q_smem + QTile::kBytes;  // full[stage] at bars + 8·stage, Q's at bars + 8·kStages
   const uint32_t q_bar = bars + 8u * kStages;
   const int kv_row = b * p.heads_kv + hkv;
-  auto load_step = [&](int step, int stage) {
+  // Thread 0 walks the step list kStages - 1 steps ahead and fills the stages: it records each stage's step in
+  // stage_step (-1: the list is done, the stage's barrier completes with no bytes) before its arrival on the
+  // stage's barrier, which orders the record before the other threads' reads after their wait.
+  __shared__ int stage_step[kStages];
+  int block_at = 0, part = 0;  // thread 0's place in the list
+  auto next_step = [&]() {
+    if (block_at >= blocks) return -1;
+    const int block = lut != nullptr ? __ldg(lut + block_at) : block_at;
+    const int step = block * per_block + part;
+    if (block < 0 || step >= steps) return -1;  // blocks ascend: the rest lies past the end or the diagonal
+    if (++part == per_block) {
+      part = 0;
+      ++block_at;
+    }
+    return step;
+  };
+  auto fill = [&](int stage) {
+    const int step = next_step();
+    stage_step[stage] = step;
+    const uint32_t bar = bars + 8u * stage;
+    if (step < 0) {
+      mbarrier_arrive(bar);
+      return;
+    }
     const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
-    mbarrier_arrive_expect_tx(bars + 8u * stage, Cfg::kStageBytes);
-    tma_load_3d(k_dst, &k_map, bars + 8u * stage, 0, step * kKeys, kv_row);
-    tma_load_3d(k_dst + KTile::kBytes, &v_map, bars + 8u * stage, step * kKeys, 0, kv_row);
+    mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
+    tma_load_3d(k_dst, &k_map, bar, 0, step * kKeys, kv_row);
+    tma_load_3d(k_dst + KTile::kBytes, &v_map, bar, step * kKeys, 0, kv_row);
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s <= kStages; ++s) mbarrier_init(bars + 8u * s, 1);
     fence_mbarrier_init();
     mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
     tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
-    for (int s = 0; s < kStages - 1 && s < steps; ++s) load_step(s, s);
+    for (int s = 0; s < kStages - 1; ++s) fill(s);
   }
   __syncthreads();  // the barriers are initialized
 
@@ -650,11 +684,13 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's partial sums of P·448
 
-  for (int step = 0; step < steps; ++step) {
-    const int stage = step % kStages;
-    mbarrier_wait(bars + 8u * stage, (step / kStages) & 1);  // the step's K and Vᵀ are in shared memory
+  for (int it = 0;; ++it) {
+    const int stage = it % kStages;
+    mbarrier_wait(bars + 8u * stage, (it / kStages) & 1);  // the step's K and Vᵀ are in shared memory
     __syncthreads();  // every wgmma of the previous step has completed: its stage is free
-    if (threadIdx.x == 0 && step + kStages - 1 < steps) load_step(step + kStages - 1, (step + kStages - 1) % kStages);
+    const int step = stage_step[stage];
+    if (step < 0) break;
+    if (threadIdx.x == 0) fill((it + kStages - 1) % kStages);
     const uint32_t k_smem = smem_base + stage * Cfg::kStageBytes;
     const uint32_t v_smem = k_smem + KTile::kBytes;
 
@@ -800,9 +836,10 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
 }
 
 // Which sm90a kernel runs: SPARQ_SM90_KERNEL unset or "wide" (the default): the wide kernel where it applies (no
-// block mask, no stage-2 skip), else the serial one; "serial" (the 64-key kernel always), "ws" (warp-specialized,
-// consumers taking turns) or "ws-free" (without the turns). Block masks whose blocks are not a multiple of 128
-// rows and the stage-2 P·V skip take the serial kernel under "ws" too. Read per launch, so tests can switch.
+// mask or a LUT of 128·k-key blocks, no stage-2 skip), else the serial one; "serial" (the 64-key kernel always),
+// "ws" (warp-specialized, consumers taking turns) or "ws-free" (without the turns). Block masks whose blocks are
+// not a multiple of 128 rows and the stage-2 P·V skip take the serial kernel under "ws" too. Read per launch, so
+// tests can switch.
 inline const char* sm90_kernel_choice() {
   const char* e = std::getenv("SPARQ_SM90_KERNEL");
   return e == nullptr || *e == '\0' ? "wide" : e;
@@ -811,8 +848,11 @@ inline const char* sm90_kernel_choice() {
 template <int D>
 int launch_attention_sm90(const AttentionParams& params, void* stream) {
   const std::string_view choice = sm90_kernel_choice();
-  const bool plain = params.pv_threshold == nullptr && params.mask_mode == static_cast<int>(MaskMode::None);
-  if (choice == "wide" && plain)
+  // The wide kernel takes no mask or a LUT of blocks of a multiple of 128 keys (a bitmap is walked by the serial
+  // kernel; the backend makes small bitmaps LUTs).
+  const bool wide_mask = params.mask_mode == static_cast<int>(MaskMode::None) ||
+                         (params.mask_mode == static_cast<int>(MaskMode::Lut) && params.mask_tiles_k % 2 == 0);
+  if (choice == "wide" && params.pv_threshold == nullptr && wide_mask)
     return launch_tma_kernel<Sm90WideConfig<D>, D>(attention_sm90_wide_kernel<D>, params, stream);
   const bool ws = (choice == "ws" || choice == "ws-free") && params.pv_threshold == nullptr &&
                   (params.mask_mode == static_cast<int>(MaskMode::None) || params.mask_block_q % 128 == 0);
