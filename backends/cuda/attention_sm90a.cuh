@@ -61,14 +61,16 @@ struct Sm90Log2Lse {
   __device__ __forceinline__ float operator()(float m, float l) const { return m + __log2f(l) - kLog2Of448; }
 };
 
-// The first key tile that needs per-element masking for the warp whose rows start at warp_row0: a tile with keys past
-// the sequence end (tile·64 + 64 > Nk) or, causal, past the diagonal of one of its rows (tile·64 + 63 > warp_row0 +
-// causal_offset). Both hold from some tile on, so the loop tests one integer per tile.
+// The first key tile of Keys keys (64: a tile; 128: a step of the wide kernel) that needs per-element masking for
+// the warp whose rows start at warp_row0: one with keys past the sequence end (tile·Keys + Keys > Nk) or, causal,
+// past the diagonal of one of its rows (tile·Keys + Keys − 1 > warp_row0 + causal_offset). Both hold from some
+// tile on, so the loop tests one integer per tile.
+template <int Keys = kBlockK>
 __device__ __forceinline__ int first_masked_tile(const AttentionParams& p, int warp_row0, int causal_offset) {
-  int first = p.tokens_k / kBlockK;
+  int first = p.tokens_k / Keys;
   if (p.causal) {
     const int last_key = warp_row0 + causal_offset;  // the last key the warp's first row sees
-    first = min(first, last_key < kBlockK - 1 ? 0 : (last_key - (kBlockK - 1)) / kBlockK + 1);
+    first = min(first, last_key < Keys - 1 ? 0 : (last_key - (Keys - 1)) / Keys + 1);
   }
   return first;
 }
@@ -562,17 +564,6 @@ struct Sm90WideConfig {
   static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 };
 
-// The first 128-key step that needs per-element masking for the warp at warp_row0 (first_masked_tile, per step).
-__device__ __forceinline__ int first_masked_step(const AttentionParams& p, int warp_row0, int causal_offset) {
-  constexpr int kKeys = 2 * kBlockK;
-  int first = p.tokens_k / kKeys;
-  if (p.causal) {
-    const int last_key = warp_row0 + causal_offset;
-    first = min(first, last_key < kKeys - 1 ? 0 : (last_key - (kKeys - 1)) / kKeys + 1);
-  }
-  return first;
-}
-
 // P·448 of one 64-key half into its two e4m3 A fragments, and its row sums (pairwise trees) added to sum. P·448 =
 // exp2(exponent(n, e)): from masked logits, or from the accumulator in one FFMA (tile_softmax_p448).
 template <typename Exponent>
@@ -674,7 +665,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
 
   const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, steps);
   const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.k_groups;
-  const int mask_from = first_masked_step(p, warp_row0, causal_offset);
+  const int mask_from = first_masked_tile<kKeys>(p, warp_row0, causal_offset);
   mbarrier_wait(q_bar, 0);
   const uint64_t q_desc = smem_descriptor<D>(q_smem);
 
