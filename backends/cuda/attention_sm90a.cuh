@@ -78,20 +78,27 @@ __device__ __forceinline__ int first_masked_tile(const AttentionParams& p, int w
 // tile_row_max from the s32 accumulator: per row the largest even- and odd-column integer (their K scales differ
 // with per-thread groups), dequantized once. max(a)·s = max(a·s) for s >= 0 (rounding is monotonic), so this is
 // the max of the dequantized logits bit for bit.
+// This thread's largest logit of row half h (rows g, g + 8) of one 64-key tile, from its s32 accumulator.
+__device__ __forceinline__ float thread_row_max_s32(const int (&acc)[8][4], float qk_scale0, float qk_scale1, int h) {
+  int even = acc[0][2 * h], odd = acc[0][2 * h + 1];
+#pragma unroll
+  for (int n = 1; n < 8; ++n) {
+    even = max(even, acc[n][2 * h]);
+    odd = max(odd, acc[n][2 * h + 1]);
+  }
+  return fmaxf(exact_int_to_float(even) * qk_scale0, exact_int_to_float(odd) * qk_scale1);
+}
+
+// The row's max over its quad (the 4 threads holding it).
+__device__ __forceinline__ float quad_max(float mx) {
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+}
+
 __device__ __forceinline__ void tile_row_max_s32(const int (&acc)[8][4], float qk_scale0, float qk_scale1,
                                                  float (&tile_max)[2]) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    int even = acc[0][2 * h], odd = acc[0][2 * h + 1];
-#pragma unroll
-    for (int n = 1; n < 8; ++n) {
-      even = max(even, acc[n][2 * h]);
-      odd = max(odd, acc[n][2 * h + 1]);
-    }
-    float mx = fmaxf(exact_int_to_float(even) * qk_scale0, exact_int_to_float(odd) * qk_scale1);
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    tile_max[h] = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-  }
+  for (int h = 0; h < 2; ++h) tile_max[h] = quad_max(thread_row_max_s32(acc, qk_scale0, qk_scale1, h));
 }
 
 // S = Q8 · K8ᵀ of one 64-key tile (64 x 64, s32): D/32 s8 wgmma from shared memory, committed as one group.
@@ -731,10 +738,10 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
     } else {
       const int (&a0)[8][4] = n_tiles(acc0);
       const int (&a1)[8][4] = n_tiles(acc1);
-      tile_row_max_s32(a0, sc00, sc01, tile_max);
-      tile_row_max_s32(a1, sc10, sc11, max1);
-      tile_max[0] = fmaxf(tile_max[0], max1[0]);
-      tile_max[1] = fmaxf(tile_max[1], max1[1]);
+      // Both halves' maxima in the thread first: one quad reduction per row instead of two (the same max).
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        tile_max[h] = quad_max(fmaxf(thread_row_max_s32(a0, sc00, sc01, h), thread_row_max_s32(a1, sc10, sc11, h)));
       update_row_max<true>(tile_max, row_max, alpha, minus_shift);
       const Sm90IntToFloat to_float;
       half_p448([&](int n, int e) { return fmaf(to_float(a0[n][e]), (e & 1) ? sc01 : sc00, minus_shift[e >> 1]); },
