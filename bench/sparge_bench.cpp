@@ -3,7 +3,7 @@
 //
 //   sparq-sparge-bench [--backend auto|cuda|vulkan] [--batch 4] [--heads 32] [--dim 128] [--grid 16,32,32]
 //                      [--width 4] [--block-k 128] [--simthreshd 0.5] [--cdfthreshd 0.95,0.999] [--iters 10]
-//                      [--warmup 2] [--lut-dir DIR] [--tune-tokens 16384]
+//                      [--warmup 2] [--lut-dir DIR] [--tune-tokens 16384] [--pvthreshd inf]
 //
 // Workload: tokens on a (t, h, w) grid (N = t·h·w), q and k random Fourier features of the position (a smooth
 // bump of peak logit ~20 and about --width cells around each query's own position), v smooth in the position;
@@ -19,7 +19,8 @@
 // effective TOPS = dense FLOPs (4·B·H·N²·D) / time. Accuracy: rel L1 of sparge_attention's output against
 // dense attention()'s. --lut-dir writes each τ's LUT (DIR/tau<i>/counts.i32, indices.i32, lut.json) for
 // bench/flex_lut.py.
-// --tune-tokens > 0 times the tuner (host CPU) on one head of N tokens.
+// --tune-tokens > 0 times the tuner (host CPU) on one head of N tokens. --pvthreshd λ (finite) turns stage 2 on
+// for every head of sparge_attention (the JSON line then gives the fraction of P·V tiles it skipped).
 #include <sparq/sparge.hpp>
 #include <sparq/sparq.hpp>
 
@@ -28,6 +29,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -46,6 +48,7 @@ struct Args {
   int grid_t = 16, grid_h = 32, grid_w = 32;
   int block_k = 128;
   float simthreshd = 0.5f;
+  float pvthreshd = std::numeric_limits<float>::infinity();
   std::vector<float> cdfthreshd = {0.95f, 0.999f};
   double width = 4.0;
   int iters = 10, warmup = 2;
@@ -93,6 +96,7 @@ Args parse(int argc, char** argv) {
       a.grid_w = static_cast<int>(number(w, f));
     } else if (f == "--block-k") a.block_k = static_cast<int>(number(value(), f));
     else if (f == "--simthreshd") a.simthreshd = static_cast<float>(number(value(), f));
+    else if (f == "--pvthreshd") a.pvthreshd = static_cast<float>(number(value(), f));
     else if (f == "--cdfthreshd") {
       a.cdfthreshd.clear();
       std::stringstream ss(value());
@@ -203,6 +207,7 @@ int main(int argc, char** argv) {
     opt.block_k = a.block_k;
     sparq::SpargeParams params;
     params.simthreshd = a.simthreshd;
+    params.pvthreshd = a.pvthreshd;
     const std::vector<int64_t> order = sparq::hilbert_order(g.t, g.h, g.w);
     sparq::Tensor hq = ctx.empty(sparq::DType::F16, shape), hk = ctx.empty(sparq::DType::F16, shape),
                   hv = ctx.empty(sparq::DType::F16, shape);
@@ -252,18 +257,21 @@ int main(int argc, char** argv) {
       const double rel_l1 = den > 0 ? num / den : 0;
 
       const double pred = median(predict_ms), sparse = median(sparse_ms);
+      const std::string pvthreshd_json = std::isfinite(params.pvthreshd) ? std::to_string(params.pvthreshd) : "null";
       std::printf("{\"backend\": \"%s\", \"B\": %d, \"H\": %d, \"N\": %d, \"D\": %d, \"grid\": [%d, %d, %d], "
                   "\"width\": %.2f, \"block_q\": %d, \"block_k\": %d, \"simthreshd\": %.3f, \"cdfthreshd\": %.5f, "
                   "\"predicted_on_device\": %s, \"block_sparsity\": %.4f, \"rel_l1_vs_dense\": %.5f, "
                   "\"dense_ms\": %.4f, \"dense_kernel_ms\": %.4f, \"predict_ms\": %.4f, \"predict_wall_ms\": %.3f, "
                   "\"predict_over_dense\": %.4f, \"sparse_ms\": %.4f, \"sparse_kernel_ms\": %.4f, "
                   "\"permute3_wall_ms\": %.3f, \"sparge_ms\": %.4f, \"sparge_kernel_ms\": %.4f, \"sparge_wall_ms\": %.3f, \"dense_tops\": %.1f, "
-                  "\"sparse_eff_tops\": %.1f, \"predict_plus_sparse_eff_tops\": %.1f, \"sparge_wall_eff_tops\": %.1f}\n",
+                  "\"sparse_eff_tops\": %.1f, \"predict_plus_sparse_eff_tops\": %.1f, \"sparge_wall_eff_tops\": %.1f, "
+                  "\"pvthreshd\": %s, \"pv_skipped_fraction\": %.4f}\n",
                   sparq::to_string(ctx.backend()), B, H, N, D, g.t, g.h, g.w, a.width, opt.block_q, opt.block_k,
                   a.simthreshd, params.cdfthreshd, pst.predicted_on_device ? "true" : "false", st.block_sparsity, rel_l1,
                   dense, median(dense_kernel_ms), pred, median(predict_wall_ms), pred / dense, sparse,
                   median(sparse_kernel_ms), permute_ms, median(sparge_ms), median(sparge_kernel_ms), median(sparge_wall_ms), flops / dense / 1e9, flops / sparse / 1e9,
-                  flops / (pred + sparse) / 1e9, flops / median(sparge_wall_ms) / 1e9);
+                  flops / (pred + sparse) / 1e9, flops / median(sparge_wall_ms) / 1e9, pvthreshd_json.c_str(),
+                  st.pv_total > 0 ? double(st.pv_skipped) / double(st.pv_total) : 0.0);
       std::fflush(stdout);
 
       if (!a.lut_dir.empty()) {

@@ -279,55 +279,67 @@ TEST_CASE("cuda block masks: bitmap and LUT, mask heads, block sizes, empty rows
   }
 }
 
+// Stage 2 in each sm90a kernel that takes it (SPARQ_SM90_KERNEL: the wide kernel decides per warp and 64-key half
+// as the serial one per tile); elsewhere both runs take the same path.
 TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {
   Context* ctx = cuda_ctx();
   if (!ctx) return;
   Context ref = Context::create(Backend::Reference);
-  for (PVPrecision pv : pv_precisions(*ctx)) {
-    Case c = cuda_case();
-    c.Nq = c.Nk = 1000;
-    c.Hq = 4;
-    c.Hkv = 2;
-    c.D = 64;
-    c.pv_precision = pv;
-    INFO(c.describe());
-    const Inputs in = make_inputs(c);
-    SpargeOptions options;
-    options.attention.pv_precision = pv;
-    std::vector<SpargeParams> heads(4);
-    const float lambdas[4] = {0.25f, 0.5f, 1.0f, 2.0f};
-    for (int h = 0; h < 4; ++h) {
-      heads[h].dense = true;  // stage 2 alone: both backends see every tile
-      heads[h].pvthreshd = lambdas[h];
+  ScopedEnv sm90_kernel("SPARQ_SM90_KERNEL", nullptr);
+  std::vector<Case> cases;
+  for (int d : {64, 128})
+    for (PVPrecision pv : pv_precisions(*ctx)) {
+      Case c = cuda_case();
+      c.Nq = c.Nk = 1000;
+      c.Hq = 4;
+      c.Hkv = 2;
+      c.D = d;
+      c.pv_precision = pv;
+      cases.push_back(c);
     }
-    auto run = [&](Context& x, SpargeStats& stats) {
-      Tensor q = x.from_host(c.dtype, {c.B, c.Hq, c.Nq, c.D}, in.q.data());
-      Tensor k = x.from_host(c.dtype, {c.B, c.Hkv, c.Nk, c.D}, in.k.data());
-      Tensor v = x.from_host(c.dtype, {c.B, c.Hkv, c.Nk, c.D}, in.v.data());
-      Tensor out = x.empty(c.dtype, {c.B, c.Hq, c.Nq, c.D});
-      sparge_attention(x, q, k, v, out, options, heads, &stats);
-      std::vector<uint16_t> bits(in.q.size());
-      x.to_host(out, bits.data());
-      std::vector<float> values;
-      for (int b = 0; b < c.B; ++b)
-        for (int h = 0; h < c.Hq; ++h)
-          for (int t = 0; t < c.Nq; ++t)
-            for (int ch = 0; ch < c.D; ++ch) values.push_back(input_value(c, bits, true, b, h, t, ch));
-      return values;
-    };
-    SpargeStats got_stats, ref_stats;
-    const std::vector<float> got = run(*ctx, got_stats);
-    const std::vector<float> want = run(ref, ref_stats);
-    const Accuracy a = compare(got, want);
-    INFO(a.describe());
-    INFO("pv skipped/total: cuda " << got_stats.pv_skipped << "/" << got_stats.pv_total << ", reference "
-                                    << ref_stats.pv_skipped << "/" << ref_stats.pv_total);
-    CHECK(all_finite(got));
-    CHECK(a.rel_l1 <= emulation_tolerance(c));
-    CHECK(got_stats.pv_total == ref_stats.pv_total);
-    CHECK(ref_stats.pv_skipped > 0);
-    // Skip decisions compare logits that differ in the last bits between the two: allow a few to flip.
-    CHECK(std::abs(got_stats.pv_skipped - ref_stats.pv_skipped) <= 2 + ref_stats.pv_skipped / 50);
+  for (const char* kernel : {"wide", "serial"}) {
+    for (const Case& c : cases) {
+      sm90_kernel.set(kernel);
+      const PVPrecision pv = c.pv_precision;
+      INFO(c.describe() << ", SPARQ_SM90_KERNEL=" << kernel);
+      const Inputs in = make_inputs(c);
+      SpargeOptions options;
+      options.attention.pv_precision = pv;
+      std::vector<SpargeParams> heads(4);
+      const float lambdas[4] = {0.25f, 0.5f, 1.0f, 2.0f};
+      for (int h = 0; h < 4; ++h) {
+        heads[h].dense = true;  // stage 2 alone: both backends see every tile
+        heads[h].pvthreshd = lambdas[h];
+      }
+      auto run = [&](Context& x, SpargeStats& stats) {
+        Tensor q = x.from_host(c.dtype, {c.B, c.Hq, c.Nq, c.D}, in.q.data());
+        Tensor k = x.from_host(c.dtype, {c.B, c.Hkv, c.Nk, c.D}, in.k.data());
+        Tensor v = x.from_host(c.dtype, {c.B, c.Hkv, c.Nk, c.D}, in.v.data());
+        Tensor out = x.empty(c.dtype, {c.B, c.Hq, c.Nq, c.D});
+        sparge_attention(x, q, k, v, out, options, heads, &stats);
+        std::vector<uint16_t> bits(in.q.size());
+        x.to_host(out, bits.data());
+        std::vector<float> values;
+        for (int b = 0; b < c.B; ++b)
+          for (int h = 0; h < c.Hq; ++h)
+            for (int t = 0; t < c.Nq; ++t)
+              for (int ch = 0; ch < c.D; ++ch) values.push_back(input_value(c, bits, true, b, h, t, ch));
+        return values;
+      };
+      SpargeStats got_stats, ref_stats;
+      const std::vector<float> got = run(*ctx, got_stats);
+      const std::vector<float> want = run(ref, ref_stats);
+      const Accuracy a = compare(got, want);
+      INFO(a.describe());
+      INFO("pv skipped/total: cuda " << got_stats.pv_skipped << "/" << got_stats.pv_total << ", reference "
+                                      << ref_stats.pv_skipped << "/" << ref_stats.pv_total);
+      CHECK(all_finite(got));
+      CHECK(a.rel_l1 <= emulation_tolerance(c));
+      CHECK(got_stats.pv_total == ref_stats.pv_total);
+      CHECK(ref_stats.pv_skipped > 0);
+      // Skip decisions compare logits that differ in the last bits between the two: allow a few to flip.
+      CHECK(std::abs(got_stats.pv_skipped - ref_stats.pv_skipped) <= 2 + ref_stats.pv_skipped / 50);
+    }
   }
 }
 

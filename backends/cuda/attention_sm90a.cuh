@@ -2,11 +2,12 @@
 // templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only). The kernels share the
 // per-warp numerics of the mma.sync kernel (attention_common.cuh, docs/NUMERICS.md) and its tile (64 keys):
 //
-// attention_sm90_wide_kernel ("wide", the default without the stage-2 skip, for no mask or a LUT of blocks of
-// 128·k keys): the serial kernel below with softmax steps of 128 keys (its comment further down).
+// attention_sm90_wide_kernel ("wide", the default for no mask or a LUT of blocks of 128·k keys, with or without
+// the stage-2 skip): the serial kernel below with softmax steps of 128 keys (its comment further down).
 //
-// attention_sm90_kernel ("serial", the default otherwise): one CTA = one warpgroup
-// (4 warps) computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64).
+// attention_sm90_kernel ("serial", the default otherwise: bitmaps walked as such, blocks of an odd number of 64
+// keys): one CTA = one warpgroup (4 warps) computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs
+// share an SM at D128 (4 at D64).
 // Thread 0 streams Q once, and (warp 0 walking the tile list) the K (INT8, [key][channel]) and transposed e4m3 V
 // ([channel][key], keys permuted inside 32-key chunks) tiles of 64 keys with bulk tensor copies (TMA) into a ring
 // of stages, each completing on its mbarrier. The TMA writes the wgmma 128B (128-byte rows) and 64B (64-byte rows)
@@ -549,9 +550,9 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
 
 // ==== The wide kernel: softmax steps of 128 keys ===================================================================
 //
-// attention_sm90_wide_kernel ("wide", the default without the stage-2 skip, for no mask or a LUT of blocks of
-// 128·k keys): the serial kernel's structure with a softmax step of 128 keys (two 64-key S accumulators) instead
-// of 64. Per 128 keys there is then one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one
+// attention_sm90_wide_kernel ("wide", the default for no mask or a LUT of blocks of 128·k keys, with or without
+// the stage-2 skip): the serial kernel's structure with a softmax step of 128 keys (two 64-key S accumulators)
+// instead of 64. Per 128 keys there is then one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one
 // fold into O, one barrier and one stage wait: the per-step overhead, about a third of the serial kernel's
 // instructions, is paid half as often.
 // The result differs from the 64-key order only in rounding (docs/NUMERICS.md, "Where the GPU kernels may round
@@ -594,8 +595,27 @@ __device__ __forceinline__ void half_p448(Exponent exponent, float (&sum)[2], ui
   pack_p_e4m3(p448, pa);
 }
 
-template <int D>
-__global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>::kMinBlocks)
+// SpargeAttn stage 2 for the two 64-key halves of a wide step, per warp, deciding exactly as the serial kernel does
+// per tile (stage2_skips_tile): half 0 against the running max, half 1 against the running max after half 0. A
+// skipped half's maxima become -inf, so that it adds nothing to the step's max.
+__device__ __forceinline__ void stage2_halves(float (&max0)[2], float (&max1)[2], const float (&row_max)[2],
+                                              float pv_lambda, int warp_row0, int g, int tokens_q,
+                                              unsigned& pv_skipped, unsigned& pv_total, bool& skip0, bool& skip1) {
+  skip0 = stage2_skips_tile(max0, row_max, pv_lambda, warp_row0, g, tokens_q, pv_skipped, pv_total);
+  float after0[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) after0[h] = skip0 ? row_max[h] : fmaxf(row_max[h], max0[h]);
+  skip1 = stage2_skips_tile(max1, after0, pv_lambda, warp_row0, g, tokens_q, pv_skipped, pv_total);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (skip0) max0[h] = -INFINITY;
+    if (skip1) max1[h] = -INFINITY;
+  }
+}
+
+// The stage-2 instantiation keeps 3 CTAs per SM at D64, as the serial kernel's (its counters and λ).
+template <int D, bool Stage2>
+__global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90WideConfig<D>::kMinBlocks)
     attention_sm90_wide_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
                                const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -681,6 +701,8 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
   for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's partial sums of P·448
+  const float pv_lambda = Stage2 ? p.pv_threshold[hq] : 0.0f;
+  unsigned pv_skipped = 0, pv_total = 0;  // stage-2 statistics of this warp
 
   for (int it = 0;; ++it) {
     const int stage = it % kStages;
@@ -715,42 +737,70 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
 
     // ---- online softmax over the 128 keys --------------------------------------------------------------------
     // Masked and unmasked steps are separate branches, so that the accumulators and the logits are never live
-    // together (D128 spills otherwise).
-    float tile_max[2], max1[2], alpha[2], minus_shift[2];
+    // together (D128 spills otherwise). Stage 2 (Stage2): a warp that skips a half leaves its P 0 (stage2_halves);
+    // the P·V itself is skipped when all four warps skip both halves.
+    float tile_max[2], alpha[2], minus_shift[2];
     float sum[2] = {0.0f, 0.0f};
     uint32_t pa[4][4];  // four 32-key chunks, keys in permuted_key order (the layout of v8t)
     auto& pa0 = reinterpret_cast<uint32_t (&)[2][4]>(pa[0]);
     auto& pa1 = reinterpret_cast<uint32_t (&)[2][4]>(pa[2]);
+    bool skip0 = false, skip1 = false;
+    auto half = [&](bool skip, uint32_t (&half_pa)[2][4], auto exponent) {
+      if (Stage2 && skip) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) half_pa[c][i] = 0u;
+      } else {
+        half_p448(exponent, sum, half_pa);
+      }
+    };
     if (step >= mask_from) {
       const int key0 = step * kKeys;
-      float s0[8][4], s1[8][4];
+      float s0[8][4], s1[8][4], max0[2], max1[2];
       dequantize_logits<Sm90IntToFloat>(n_tiles(acc0), sc00, sc01, s0);
       dequantize_logits<Sm90IntToFloat>(n_tiles(acc1), sc10, sc11, s1);
       mask_tile_elements(p, key0, warp_row0, g, t, causal_offset, s0);
       mask_tile_elements(p, key0 + kBlockK, warp_row0, g, t, causal_offset, s1);
-      tile_row_max(s0, tile_max);
+      tile_row_max(s0, max0);
       tile_row_max(s1, max1);
-      tile_max[0] = fmaxf(tile_max[0], max1[0]);
-      tile_max[1] = fmaxf(tile_max[1], max1[1]);
+      if constexpr (Stage2)
+        stage2_halves(max0, max1, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total, skip0, skip1);
+      tile_max[0] = fmaxf(max0[0], max1[0]);
+      tile_max[1] = fmaxf(max0[1], max1[1]);
       update_row_max<true>(tile_max, row_max, alpha, minus_shift);
-      half_p448([&](int n, int e) { return s0[n][e] + minus_shift[e >> 1]; }, sum, pa0);
-      half_p448([&](int n, int e) { return s1[n][e] + minus_shift[e >> 1]; }, sum, pa1);
+      half(skip0, pa0, [&](int n, int e) { return s0[n][e] + minus_shift[e >> 1]; });
+      half(skip1, pa1, [&](int n, int e) { return s1[n][e] + minus_shift[e >> 1]; });
     } else {
       const int (&a0)[8][4] = n_tiles(acc0);
       const int (&a1)[8][4] = n_tiles(acc1);
-      // Both halves' maxima in the thread first: one quad reduction per row instead of two (the same max).
+      if constexpr (Stage2) {
+        float max0[2], max1[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        tile_max[h] = quad_max(fmaxf(thread_row_max_s32(a0, sc00, sc01, h), thread_row_max_s32(a1, sc10, sc11, h)));
+        for (int h = 0; h < 2; ++h) {
+          max0[h] = quad_max(thread_row_max_s32(a0, sc00, sc01, h));
+          max1[h] = quad_max(thread_row_max_s32(a1, sc10, sc11, h));
+        }
+        stage2_halves(max0, max1, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total, skip0, skip1);
+        tile_max[0] = fmaxf(max0[0], max1[0]);
+        tile_max[1] = fmaxf(max0[1], max1[1]);
+      } else {
+        // Both halves' maxima in the thread first: one quad reduction per row instead of two (the same max).
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          tile_max[h] =
+              quad_max(fmaxf(thread_row_max_s32(a0, sc00, sc01, h), thread_row_max_s32(a1, sc10, sc11, h)));
+      }
       update_row_max<true>(tile_max, row_max, alpha, minus_shift);
       const Sm90IntToFloat to_float;
-      half_p448([&](int n, int e) { return fmaf(to_float(a0[n][e]), (e & 1) ? sc01 : sc00, minus_shift[e >> 1]); },
-                sum, pa0);
-      half_p448([&](int n, int e) { return fmaf(to_float(a1[n][e]), (e & 1) ? sc11 : sc10, minus_shift[e >> 1]); },
-                sum, pa1);
+      half(skip0, pa0,
+           [&](int n, int e) { return fmaf(to_float(a0[n][e]), (e & 1) ? sc01 : sc00, minus_shift[e >> 1]); });
+      half(skip1, pa1,
+           [&](int n, int e) { return fmaf(to_float(a1[n][e]), (e & 1) ? sc11 : sc10, minus_shift[e >> 1]); });
     }
     row_sum[0] = row_sum[0] * alpha[0] + sum[0];
     row_sum[1] = row_sum[1] * alpha[1] + sum[1];
+    if (Stage2 && __syncthreads_and(skip0 && skip1)) continue;  // uniform: the CTA is one warpgroup
 
     // ---- tile = P · V over the 128 keys (4 e4m3 k-steps), O = O·alpha + tile -----------------------------------
     float tile_acc[kDTiles * 4];
@@ -771,6 +821,8 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Sm90WideConfig<D>
 #pragma unroll
     for (int d = 0; d < kDTiles; ++d) fold_tile(o[d], n_tiles(tile_acc)[d], alpha);
   }
+
+  if constexpr (Stage2) add_stage2_counters(p, threadIdx.x % 32, pv_skipped, pv_total);
 
   // ---- epilogue: O / l · v_scale, LSE (as attention_kernel.cuh) -------------------------------------------------
   float inv[2];
@@ -834,7 +886,7 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
 }
 
 // Which sm90a kernel runs: SPARQ_SM90_KERNEL unset or "wide" (the default): the wide kernel where it applies (no
-// mask or a LUT of 128·k-key blocks, no stage-2 skip), else the serial one; "serial" (the 64-key kernel always),
+// mask or a LUT of 128·k-key blocks; with or without the stage-2 skip), else the serial one; "serial" (the 64-key kernel always),
 // "ws" (warp-specialized, consumers taking turns) or "ws-free" (without the turns). Block masks whose blocks are
 // not a multiple of 128 rows and the stage-2 P·V skip take the serial kernel under "ws" too. Read per launch, so
 // tests can switch.
@@ -850,8 +902,11 @@ int launch_attention_sm90(const AttentionParams& params, void* stream) {
   // kernel; the backend makes small bitmaps LUTs).
   const bool wide_mask = params.mask_mode == static_cast<int>(MaskMode::None) ||
                          (params.mask_mode == static_cast<int>(MaskMode::Lut) && params.mask_tiles_k % 2 == 0);
-  if (choice == "wide" && params.pv_threshold == nullptr && wide_mask)
-    return launch_tma_kernel<Sm90WideConfig<D>, D>(attention_sm90_wide_kernel<D>, params, stream);
+  if (choice == "wide" && wide_mask) {
+    if (params.pv_threshold != nullptr)
+      return launch_tma_kernel<Sm90WideConfig<D>, D>(attention_sm90_wide_kernel<D, true>, params, stream);
+    return launch_tma_kernel<Sm90WideConfig<D>, D>(attention_sm90_wide_kernel<D, false>, params, stream);
+  }
   const bool ws = (choice == "ws" || choice == "ws-free") && params.pv_threshold == nullptr &&
                   (params.mask_mode == static_cast<int>(MaskMode::None) || params.mask_block_q % 128 == 0);
   if (ws && choice == "ws") return launch_tma_kernel<Sm90WsConfig<D>, D>(attention_sm90_ws_kernel<D, true>, params, stream);
