@@ -727,7 +727,9 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     for (int kk = 1; kk < D / 32; ++kk) wgmma_s8_m64n64k32(acc1, q_desc + 2 * kk, k_desc + kHalf + 2 * kk, 1);
     wgmma_commit();
 
-    // K scales of the two 64-key halves (the K groups' tiles 2·step and 2·step + 1) while the MMAs run.
+    // K scales of the two 64-key halves (the K groups' tiles 2·step and 2·step + 1) while the MMAs run. Tile
+    // 2·step + 1 may lie past the last key: its scales (another head's, or the workspace's padding after the last
+    // head's) are then never used.
     float sc00, sc01, sc10, sc11;
     qk_scales(p.granularity, k_scale, q_scale, 2 * step, t, sc00, sc01);
     qk_scales(p.granularity, k_scale, q_scale, 2 * step + 1, t, sc10, sc11);

@@ -476,7 +476,9 @@ void CudaBackend::attention(const AttentionProblem& p) {
   w.q8 = take(cursor, q_elems * D);
   w.k8 = take(cursor, kv_rows * Nk * D);
   w.q_scale = take(cursor, std::size_t(B) * Hq * pre.q_groups * sizeof(float));
-  w.k_scale = take(cursor, kv_rows * pre.k_groups * sizeof(float));
+  // One K tile's groups of padding: the wide sm90a kernel reads the scales of a 128-key step's second tile even
+  // where it lies past the last key (and uses none of them).
+  w.k_scale = take(cursor, (kv_rows * pre.k_groups + 8) * sizeof(float));
   if (fp8) {
     w.v8t = take(cursor, kv_rows * D * pre.vt_stride);
     w.v_scale = take(cursor, kv_rows * D * sizeof(float));
