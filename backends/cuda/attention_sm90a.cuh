@@ -2,11 +2,10 @@
 // templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only). The kernels share the
 // per-warp numerics of the mma.sync kernel (attention_common.cuh, docs/NUMERICS.md) and its tile (64 keys):
 //
-// attention_sm90_wide_kernel ("wide", the default for no mask or a LUT of blocks of 128·k keys, with or without
-// the stage-2 skip): the serial kernel below with softmax steps of 128 keys (its comment further down).
+// attention_sm90_wide_kernel ("wide", the default for no mask or a LUT, with or without the stage-2 skip): the
+// serial kernel below with softmax steps of 128 keys (its comment further down).
 //
-// attention_sm90_kernel ("serial", the default otherwise: bitmaps walked as such, blocks of an odd number of 64
-// keys): one CTA = one warpgroup (4 warps) computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs
+// attention_sm90_kernel ("serial", the default for bitmaps walked as such): one CTA = one warpgroup (4 warps) computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs
 // share an SM at D128 (4 at D64).
 // Thread 0 streams Q once, and (warp 0 walking the tile list) the K (INT8, [key][channel]) and transposed e4m3 V
 // ([channel][key], keys permuted inside 32-key chunks) tiles of 64 keys with bulk tensor copies (TMA) into a ring
@@ -550,22 +549,26 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
 
 // ==== The wide kernel: softmax steps of 128 keys ===================================================================
 //
-// attention_sm90_wide_kernel ("wide", the default for no mask or a LUT of blocks of 128·k keys, with or without
-// the stage-2 skip): the serial kernel's structure with a softmax step of 128 keys (two 64-key S accumulators)
+// attention_sm90_wide_kernel ("wide", the default for no mask or a LUT, with or without the stage-2 skip): the
+// serial kernel's structure with a softmax step of 128 keys (two 64-key S accumulators)
 // instead of 64. Per 128 keys there is then one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one
 // fold into O, one barrier and one stage wait: the per-step overhead, about a third of the serial kernel's
 // instructions, is paid half as often.
 // The result differs from the 64-key order only in rounding (docs/NUMERICS.md, "Where the GPU kernels may round
 // differently"). Stages of 32 KB (K 128 x D int8, Vᵀ D x 128 e4m3 with 128B swizzle), 2 of them.
-template <int D>
+// Pairs: a step is any two 64-key tiles of the list, in list order (LUTs of blocks of an odd number of 64-key
+// tiles): K and Vᵀ come one tile per TMA box, Vᵀ as two [D][64] tiles (64B swizzle). Otherwise a step is the
+// aligned keys [128·s, 128·s + 128), one box per operand.
+template <int D, bool Pairs = false>
 struct Sm90WideConfig {
   static constexpr int kBlockQ = 64;
-  static constexpr int kKeys = 2 * kBlockK;  // one softmax step
+  static constexpr int kStepKeys = 2 * kBlockK;           // one softmax step
+  static constexpr int kKeys = Pairs ? kBlockK : kStepKeys;  // keys per TMA box
   static constexpr int kThreads = 128;
-  using KTile = SwizzledTile<kKeys, D>;  // [key][channel] int8
-  using VTile = SwizzledTile<D, kKeys>;  // [channel][key] e4m3: 128B swizzle
+  using KTile = SwizzledTile<kStepKeys, D>;  // [key][channel] int8
+  using VTile = SwizzledTile<D, kKeys>;      // [channel][key] e4m3: 128B swizzle (64B: Pairs, two of them)
   using QTile = SwizzledTile<kBlockQ, D>;
-  static constexpr int kStageBytes = KTile::kBytes + VTile::kBytes;
+  static constexpr int kStageBytes = KTile::kBytes + D * kStepKeys;
   static constexpr int kStages = 2;
   static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + 8 * (kStages + 1) + 1024;
   static constexpr int kMinBlocks = D <= 64 ? 4 : 3;
@@ -614,15 +617,16 @@ __device__ __forceinline__ void stage2_halves(float (&max0)[2], float (&max1)[2]
 }
 
 // The stage-2 instantiation keeps 3 CTAs per SM at D64, as the serial kernel's (its counters and λ).
-template <int D, bool Stage2>
+template <int D, bool Stage2, bool Pairs>
 __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90WideConfig<D>::kMinBlocks)
     attention_sm90_wide_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
                                const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = Sm90WideConfig<D>;
+  using Cfg = Sm90WideConfig<D, Pairs>;
   using KTile = typename Cfg::KTile;
   using QTile = typename Cfg::QTile;
-  constexpr int kKeys = Cfg::kKeys;
+  constexpr int kKeys = Cfg::kStepKeys;
+  constexpr int kUnit = Pairs ? kBlockK : kKeys;  // the list's unit: a 64-key tile (Pairs) or a step
   constexpr int kStages = Cfg::kStages;
   constexpr int kDTiles = D / 8;
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -630,12 +634,12 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
   const RowCoords rc = row_coords<Cfg::kBlockQ>(p);
   const int hq = rc.hq, b = rc.b, hkv = rc.hkv, g = rc.g, t = rc.t;
   const int q0 = rc.q0, warp_row0 = rc.warp_row0, causal_offset = rc.causal_offset;
-  // The steps this CTA visits: those of [0, steps) (cut at the causal diagonal of its last row) that its LUT row
-  // lists, each LUT block being `per_block` steps (blocks of a multiple of 128 keys), or all of them.
-  int steps = (p.tokens_k + kKeys - 1) / kKeys;
+  // The units (steps, or with Pairs 64-key tiles) this CTA visits: those of [0, steps) (cut at the causal diagonal
+  // of its last row) that its LUT row lists, each LUT block being `per_block` units, or all of them.
+  int steps = (p.tokens_k + kUnit - 1) / kUnit;
   if (p.causal) {
     const int last_key = min(q0 + Cfg::kBlockQ, p.tokens_q) - 1 + causal_offset;
-    steps = last_key < 0 ? 0 : min(steps, last_key / kKeys + 1);
+    steps = last_key < 0 ? 0 : min(steps, last_key / kUnit + 1);
   }
   const int32_t* lut = nullptr;
   int blocks = steps, per_block = 1;
@@ -644,7 +648,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     const int64_t row = (static_cast<int64_t>(b) * p.mask_heads + hm) * p.mask_blocks_q + q0 / p.mask_block_q;
     blocks = min(max(__ldg(p.mask_counts + row), 0), p.mask_blocks_k);
     lut = p.mask_indices + row * p.mask_blocks_k;
-    per_block = p.mask_tiles_k / 2;
+    per_block = Pairs ? p.mask_tiles_k : p.mask_tiles_k / 2;
   }
 
   const uint32_t smem_base = (smem_address(smem) + 1023u) & ~1023u;
@@ -653,9 +657,11 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
   const uint32_t q_bar = bars + 8u * kStages;
   const int kv_row = b * p.heads_kv + hkv;
   // Thread 0 walks the step list kStages - 1 steps ahead and fills the stages: it records each stage's step in
-  // stage_step (-1: the list is done, the stage's barrier completes with no bytes) before its arrival on the
-  // stage's barrier, which orders the record before the other threads' reads after their wait.
+  // stage_step (-1: the list is done, the stage's barrier completes with no bytes; Pairs: its two tiles, the second
+  // -1 for a last odd tile) before its arrival on the stage's barrier, which orders the record before the other
+  // threads' reads after their wait.
   __shared__ int stage_step[kStages];
+  __shared__ int2 stage_tiles[Pairs ? kStages : 1];
   int block_at = 0, part = 0;  // thread 0's place in the list
   auto next_step = [&]() {
     if (block_at >= blocks) return -1;
@@ -669,17 +675,34 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     return step;
   };
   auto fill = [&](int stage) {
-    const int step = next_step();
-    stage_step[stage] = step;
-    const uint32_t bar = bars + 8u * stage;
-    if (step < 0) {
-      mbarrier_arrive(bar);
-      return;
+    if constexpr (Pairs) {
+      const uint32_t bar = bars + 8u * stage;
+      const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
+      const int first = next_step(), second = first < 0 ? -1 : next_step();
+      stage_tiles[stage] = make_int2(first, second);
+      if (first < 0) {
+        mbarrier_arrive(bar);
+        return;
+      }
+      const int other = second < 0 ? first : second;  // a last odd tile: its copy fills the masked half
+      mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
+      tma_load_3d(k_dst, &k_map, bar, 0, first * kBlockK, kv_row);
+      tma_load_3d(k_dst + kBlockK * D, &k_map, bar, 0, other * kBlockK, kv_row);
+      tma_load_3d(k_dst + KTile::kBytes, &v_map, bar, first * kBlockK, 0, kv_row);
+      tma_load_3d(k_dst + KTile::kBytes + D * kBlockK, &v_map, bar, other * kBlockK, 0, kv_row);
+    } else {
+      const int step = next_step();
+      stage_step[stage] = step;
+      const uint32_t bar = bars + 8u * stage;
+      if (step < 0) {
+        mbarrier_arrive(bar);
+        return;
+      }
+      const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
+      mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
+      tma_load_3d(k_dst, &k_map, bar, 0, step * kKeys, kv_row);
+      tma_load_3d(k_dst + KTile::kBytes, &v_map, bar, step * kKeys, 0, kv_row);
     }
-    const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
-    mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
-    tma_load_3d(k_dst, &k_map, bar, 0, step * kKeys, kv_row);
-    tma_load_3d(k_dst + KTile::kBytes, &v_map, bar, step * kKeys, 0, kv_row);
   };
   if (threadIdx.x == 0) {
     for (int s = 0; s <= kStages; ++s) mbarrier_init(bars + 8u * s, 1);
@@ -692,7 +715,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
 
   const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, steps);
   const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.k_groups;
-  const int mask_from = first_masked_tile<kKeys>(p, warp_row0, causal_offset);
+  const int mask_from = first_masked_tile<kUnit>(p, warp_row0, causal_offset);
   mbarrier_wait(q_bar, 0);
   const uint64_t q_desc = smem_descriptor<D>(q_smem);
 
@@ -708,8 +731,17 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     const int stage = it % kStages;
     mbarrier_wait(bars + 8u * stage, (it / kStages) & 1);  // the step's K and Vᵀ are in shared memory
     __syncthreads();  // every wgmma of the previous step has completed: its stage is free
-    const int step = stage_step[stage];
-    if (step < 0) break;
+    // The step: its two 64-key tiles are those of the two halves of the stage (Pairs: pair.y -1 for a last odd tile,
+    // the other half then a copy of the first).
+    int step = 0;
+    int2 pair = make_int2(0, 0);
+    if constexpr (Pairs) {
+      pair = stage_tiles[stage];
+      if (pair.x < 0) break;
+    } else {
+      step = stage_step[stage];
+      if (step < 0) break;
+    }
     if (threadIdx.x == 0) fill((it + kStages - 1) % kStages);
     const uint32_t k_smem = smem_base + stage * Cfg::kStageBytes;
     const uint32_t v_smem = k_smem + KTile::kBytes;
@@ -727,12 +759,12 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     for (int kk = 1; kk < D / 32; ++kk) wgmma_s8_m64n64k32(acc1, q_desc + 2 * kk, k_desc + kHalf + 2 * kk, 1);
     wgmma_commit();
 
-    // K scales of the two 64-key halves (the K groups' tiles 2·step and 2·step + 1) while the MMAs run. Tile
-    // 2·step + 1 may lie past the last key: its scales (another head's, or the workspace's padding after the last
-    // head's) are then never used.
+    // K scales of the two 64-key halves (the K groups' tiles) while the MMAs run. Without Pairs, tile 2·step + 1
+    // may lie past the last key: its scales (another head's, or the workspace's padding after the last head's)
+    // are then never used.
     float sc00, sc01, sc10, sc11;
-    qk_scales(p.granularity, k_scale, q_scale, 2 * step, t, sc00, sc01);
-    qk_scales(p.granularity, k_scale, q_scale, 2 * step + 1, t, sc10, sc11);
+    qk_scales(p.granularity, k_scale, q_scale, Pairs ? pair.x : 2 * step, t, sc00, sc01);
+    qk_scales(p.granularity, k_scale, q_scale, Pairs ? max(pair.x, pair.y) : 2 * step + 1, t, sc10, sc11);
     wgmma_wait<0>();
     register_fence(acc0);
     register_fence(acc1);
@@ -757,13 +789,20 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
         half_p448(exponent, sum, half_pa);
       }
     };
-    if (step >= mask_from) {
-      const int key0 = step * kKeys;
+    if (Pairs ? max(pair.x, pair.y) >= mask_from || pair.y < 0 : step >= mask_from) {
       float s0[8][4], s1[8][4], max0[2], max1[2];
       dequantize_logits<Sm90IntToFloat>(n_tiles(acc0), sc00, sc01, s0);
       dequantize_logits<Sm90IntToFloat>(n_tiles(acc1), sc10, sc11, s1);
+      const int key0 = Pairs ? pair.x * kBlockK : step * kKeys;
+      const int key1 = Pairs ? max(pair.x, pair.y) * kBlockK : key0 + kBlockK;
       mask_tile_elements(p, key0, warp_row0, g, t, causal_offset, s0);
-      mask_tile_elements(p, key0 + kBlockK, warp_row0, g, t, causal_offset, s1);
+      mask_tile_elements(p, key1, warp_row0, g, t, causal_offset, s1);
+      if (Pairs && pair.y < 0) {  // a last odd tile: the other half (its copy) adds nothing
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s1[n][e] = -INFINITY;
+      }
       tile_row_max(s0, max0);
       tile_row_max(s1, max1);
       if constexpr (Stage2)
@@ -806,16 +845,22 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
 
     // ---- tile = P · V over the 128 keys (4 e4m3 k-steps), O = O·alpha + tile -----------------------------------
     float tile_acc[kDTiles * 4];
-    const uint64_t v_desc = smem_descriptor<kKeys>(v_smem);
+    // The descriptor of 32-key chunk c: one [D][128] tile, or (Pairs) two [D][64] tiles of two chunks each (the
+    // second tile's offset in the address field, in 16-byte units; shared memory is below 2^18 bytes).
+    const uint64_t v_base = smem_descriptor<Pairs ? kBlockK : kKeys>(v_smem);
+    auto v_desc = [&](int c) -> uint64_t {
+      if constexpr (Pairs) return v_base + (c / 2) * ((D * kBlockK) >> 4) + 2 * (c % 2);
+      return v_base + 2 * c;
+    };
     wgmma_fence();
     if constexpr (D == 128) {
-      wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc);
+      wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc(0));
 #pragma unroll
-      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n128k32_rs(tile_acc, pa[c], v_desc + 2 * c, 1);
+      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n128k32_rs(tile_acc, pa[c], v_desc(c), 1);
     } else {
-      wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc);
+      wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc(0));
 #pragma unroll
-      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n64k32_rs(tile_acc, pa[c], v_desc + 2 * c, 1);
+      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n64k32_rs(tile_acc, pa[c], v_desc(c), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -888,8 +933,8 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
 }
 
 // Which sm90a kernel runs: SPARQ_SM90_KERNEL unset or "wide" (the default): the wide kernel where it applies (no
-// mask or a LUT of 128·k-key blocks; with or without the stage-2 skip), else the serial one; "serial" (the 64-key kernel always),
-// "ws" (warp-specialized, consumers taking turns) or "ws-free" (without the turns). Block masks whose blocks are
+// mask or a LUT; with or without the stage-2 skip), else (a bitmap walked as such) the serial one; "serial" (the
+// 64-key kernel always), "ws" (warp-specialized, consumers taking turns) or "ws-free" (without the turns). Block masks whose blocks are
 // not a multiple of 128 rows and the stage-2 P·V skip take the serial kernel under "ws" too. Read per launch, so
 // tests can switch.
 inline const char* sm90_kernel_choice() {
@@ -900,14 +945,18 @@ inline const char* sm90_kernel_choice() {
 template <int D>
 int launch_attention_sm90(const AttentionParams& params, void* stream) {
   const std::string_view choice = sm90_kernel_choice();
-  // The wide kernel takes no mask or a LUT of blocks of a multiple of 128 keys (a bitmap is walked by the serial
-  // kernel; the backend makes small bitmaps LUTs).
-  const bool wide_mask = params.mask_mode == static_cast<int>(MaskMode::None) ||
-                         (params.mask_mode == static_cast<int>(MaskMode::Lut) && params.mask_tiles_k % 2 == 0);
-  if (choice == "wide" && wide_mask) {
-    if (params.pv_threshold != nullptr)
-      return launch_tma_kernel<Sm90WideConfig<D>, D>(attention_sm90_wide_kernel<D, true>, params, stream);
-    return launch_tma_kernel<Sm90WideConfig<D>, D>(attention_sm90_wide_kernel<D, false>, params, stream);
+  // The wide kernel takes no mask or a LUT (a bitmap is walked by the serial kernel; the backend makes small
+  // bitmaps LUTs); LUT blocks of an odd number of 64-key tiles take its Pairs form.
+  if (choice == "wide" && params.mask_mode != static_cast<int>(MaskMode::Bitmap)) {
+    const bool stage2 = params.pv_threshold != nullptr;
+    if (params.mask_mode == static_cast<int>(MaskMode::Lut) && params.mask_tiles_k % 2 != 0) {
+      using Cfg = Sm90WideConfig<D, true>;
+      return stage2 ? launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, true, true>, params, stream)
+                    : launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, false, true>, params, stream);
+    }
+    using Cfg = Sm90WideConfig<D, false>;
+    return stage2 ? launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, true, false>, params, stream)
+                  : launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, false, false>, params, stream);
   }
   const bool ws = (choice == "ws" || choice == "ws-free") && params.pv_threshold == nullptr &&
                   (params.mask_mode == static_cast<int>(MaskMode::None) || params.mask_block_q % 128 == 0);
