@@ -5,8 +5,8 @@
 // attention_sm90_wide_kernel ("wide", the default for no mask or a LUT, with or without the stage-2 skip): the
 // serial kernel below with softmax steps of 128 keys (its comment further down).
 //
-// attention_sm90_kernel ("serial", the default for bitmaps walked as such): one CTA = one warpgroup (4 warps) computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs
-// share an SM at D128 (4 at D64).
+// attention_sm90_kernel ("serial", the default for bitmaps walked as such): one CTA = one warpgroup (4 warps)
+// computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64).
 // Thread 0 streams Q once, and (warp 0 walking the tile list) the K (INT8, [key][channel]) and transposed e4m3 V
 // ([channel][key], keys permuted inside 32-key chunks) tiles of 64 keys with bulk tensor copies (TMA) into a ring
 // of stages, each completing on its mbarrier. The TMA writes the wgmma 128B (128-byte rows) and 64B (64-byte rows)
@@ -77,8 +77,8 @@ __device__ __forceinline__ int first_masked_tile(const AttentionParams& p, int w
 
 // tile_row_max from the s32 accumulator: per row the largest even- and odd-column integer (their K scales differ
 // with per-thread groups), dequantized once. max(a)·s = max(a·s) for s >= 0 (rounding is monotonic), so this is
-// the max of the dequantized logits bit for bit.
-// This thread's largest logit of row half h (rows g, g + 8) of one 64-key tile, from its s32 accumulator.
+// the max of the dequantized logits bit for bit. thread_row_max_s32: this thread's part of row half h (rows g and
+// g + 8 of the warp) before the quad reduction.
 __device__ __forceinline__ float thread_row_max_s32(const int (&acc)[8][4], float qk_scale0, float qk_scale1, int h) {
   int even = acc[0][2 * h], odd = acc[0][2 * h + 1];
 #pragma unroll
@@ -550,10 +550,10 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
 // ==== The wide kernel: softmax steps of 128 keys ===================================================================
 //
 // attention_sm90_wide_kernel ("wide", the default for no mask or a LUT, with or without the stage-2 skip): the
-// serial kernel's structure with a softmax step of 128 keys (two 64-key S accumulators)
-// instead of 64. Per 128 keys there is then one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one
-// fold into O, one barrier and one stage wait: the per-step overhead, about a third of the serial kernel's
-// instructions, is paid half as often.
+// serial kernel's structure with a softmax step of 128 keys (two 64-key S accumulators) instead of 64. Per 128 keys
+// there is then one running-max update, one P·V accumulator (4 k-steps of e4m3 wgmma) and one fold into O, one
+// barrier and one stage wait: the per-step overhead, about a third of the serial kernel's instructions, is paid
+// half as often.
 // The result differs from the 64-key order only in rounding (docs/NUMERICS.md, "Where the GPU kernels may round
 // differently"). Stages of 32 KB (K 128 x D int8, Vᵀ D x 128 e4m3 with 128B swizzle), 2 of them.
 // Pairs: a step is any two 64-key tiles of the list, in list order (LUTs of blocks of an odd number of 64-key
@@ -934,9 +934,9 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
 
 // Which sm90a kernel runs: SPARQ_SM90_KERNEL unset or "wide" (the default): the wide kernel where it applies (no
 // mask or a LUT; with or without the stage-2 skip), else (a bitmap walked as such) the serial one; "serial" (the
-// 64-key kernel always), "ws" (warp-specialized, consumers taking turns) or "ws-free" (without the turns). Block masks whose blocks are
-// not a multiple of 128 rows and the stage-2 P·V skip take the serial kernel under "ws" too. Read per launch, so
-// tests can switch.
+// 64-key kernel always), "ws" (warp-specialized, consumers taking turns) or "ws-free" (without the turns). Block
+// masks whose blocks are not a multiple of 128 rows and the stage-2 P·V skip take the serial kernel under "ws" too.
+// Read per launch, so tests can switch.
 inline const char* sm90_kernel_choice() {
   const char* e = std::getenv("SPARQ_SM90_KERNEL");
   return e == nullptr || *e == '\0' ? "wide" : e;
