@@ -280,7 +280,9 @@ TEST_CASE("cuda block masks: bitmap and LUT, mask heads, block sizes, empty rows
 }
 
 // Stage 2 in each sm90a kernel that takes it (SPARQ_SM90_KERNEL: the wide kernel decides per warp and 64-key half
-// as the serial one per tile); elsewhere both runs take the same path.
+// as the serial one per tile); elsewhere both runs take the same path. Dense heads (stage 2 alone: every tile
+// visited) and predicted LUTs of 64-key blocks (the wide kernel's pairs of listed tiles) and of 128-key blocks; both
+// backends predict the same LUT, so they visit the same tiles.
 TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {
   Context* ctx = cuda_ctx();
   if (!ctx) return;
@@ -297,18 +299,18 @@ TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {
       c.pv_precision = pv;
       cases.push_back(c);
     }
-  for (const char* kernel : {"wide", "serial"}) {
-    for (const Case& c : cases) {
-      sm90_kernel.set(kernel);
-      const PVPrecision pv = c.pv_precision;
-      INFO(c.describe() << ", SPARQ_SM90_KERNEL=" << kernel);
-      const Inputs in = make_inputs(c);
+  for (const Case& c : cases) {
+    const Inputs in = make_inputs(c);
+    for (int block_k : {0, 64, 128}) {  // 0: dense heads
       SpargeOptions options;
-      options.attention.pv_precision = pv;
+      options.attention.pv_precision = c.pv_precision;
+      if (block_k > 0) options.block_k = block_k;
       std::vector<SpargeParams> heads(4);
       const float lambdas[4] = {0.25f, 0.5f, 1.0f, 2.0f};
       for (int h = 0; h < 4; ++h) {
-        heads[h].dense = true;  // stage 2 alone: both backends see every tile
+        heads[h].dense = block_k == 0;
+        heads[h].simthreshd = 0.0f;  // every block may be dropped
+        heads[h].cdfthreshd = 0.5f;  // random inputs: a flat map, half of it kept
         heads[h].pvthreshd = lambdas[h];
       }
       auto run = [&](Context& x, SpargeStats& stats) {
@@ -326,19 +328,28 @@ TEST_CASE("cuda SpargeAttn stage 2 (P·V skip) agrees with the reference") {
               for (int ch = 0; ch < c.D; ++ch) values.push_back(input_value(c, bits, true, b, h, t, ch));
         return values;
       };
-      SpargeStats got_stats, ref_stats;
-      const std::vector<float> got = run(*ctx, got_stats);
+      SpargeStats ref_stats;
       const std::vector<float> want = run(ref, ref_stats);
-      const Accuracy a = compare(got, want);
-      INFO(a.describe());
-      INFO("pv skipped/total: cuda " << got_stats.pv_skipped << "/" << got_stats.pv_total << ", reference "
-                                      << ref_stats.pv_skipped << "/" << ref_stats.pv_total);
-      CHECK(all_finite(got));
-      CHECK(a.rel_l1 <= emulation_tolerance(c));
-      CHECK(got_stats.pv_total == ref_stats.pv_total);
-      CHECK(ref_stats.pv_skipped > 0);
-      // Skip decisions compare logits that differ in the last bits between the two: allow a few to flip.
-      CHECK(std::abs(got_stats.pv_skipped - ref_stats.pv_skipped) <= 2 + ref_stats.pv_skipped / 50);
+      for (const char* kernel : {"wide", "serial"}) {
+        sm90_kernel.set(kernel);
+        INFO(c.describe() << ", block_k " << block_k << " (0: dense heads), SPARQ_SM90_KERNEL="
+                          << std::string(kernel));
+        SpargeStats got_stats;
+        const std::vector<float> got = run(*ctx, got_stats);
+        const Accuracy a = compare(got, want);
+        INFO(a.describe());
+        INFO("pv skipped/total: cuda " << got_stats.pv_skipped << "/" << got_stats.pv_total << ", reference "
+                                        << ref_stats.pv_skipped << "/" << ref_stats.pv_total << ", block sparsity "
+                                        << ref_stats.block_sparsity);
+        CHECK(all_finite(got));
+        CHECK(a.rel_l1 <= emulation_tolerance(c));
+        CHECK(got_stats.block_sparsity == ref_stats.block_sparsity);
+        if (block_k > 0) CHECK(ref_stats.block_sparsity > 0.05);  // a LUT that leaves tiles out
+        CHECK(got_stats.pv_total == ref_stats.pv_total);
+        CHECK(ref_stats.pv_skipped > 0);
+        // Skip decisions compare logits that differ in the last bits between the two: allow a few to flip.
+        CHECK(std::abs(got_stats.pv_skipped - ref_stats.pv_skipped) <= 2 + ref_stats.pv_skipped / 50);
+      }
     }
   }
 }
