@@ -126,6 +126,22 @@ __device__ __forceinline__ void issue_pv_wgmma(float (&tile_acc)[D / 2], const u
   wgmma_commit();
 }
 
+// This thread's sums of P·448 over its 16 columns of each of its two rows (g, g + 8), as pairwise trees (4
+// dependent adds instead of 16).
+__device__ __forceinline__ void thread_row_sums(const float (&p448)[8][4], float (&sums)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float part[8];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) part[n] = p448[n][2 * h] + p448[n][2 * h + 1];
+#pragma unroll
+    for (int w = 4; w >= 1; w /= 2)
+#pragma unroll
+      for (int n = 0; n < w; ++n) part[n] += part[n + w];
+    sums[h] = part[0];
+  }
+}
+
 // The online softmax of one tile on the sm90a path (docs/NUMERICS.md): P·448 into p448, alpha, and the running
 // max and sum of this thread's rows. Returns true, touching nothing, when SpargeAttn stage 2 (Stage2) skips the
 // tile for the warp (stage2_skips_tile).
@@ -168,17 +184,10 @@ __device__ __forceinline__ bool tile_softmax_p448(const AttentionParams& p, bool
       for (int e = 0; e < 4; ++e)
         p448[n][e] = fast_exp2(fmaf(to_float(a[n][e]), (e & 1) ? qk_scale1 : qk_scale0, minus_shift[e >> 1]));
   }
+  float sums[2];
+  thread_row_sums(p448, sums);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float part[8];
-#pragma unroll
-    for (int n = 0; n < 8; ++n) part[n] = p448[n][2 * h] + p448[n][2 * h + 1];
-#pragma unroll
-    for (int w = 4; w >= 1; w /= 2)
-#pragma unroll
-      for (int n = 0; n < w; ++n) part[n] += part[n + w];
-    row_sum[h] = row_sum[h] * alpha[h] + part[0];
-  }
+  for (int h = 0; h < 2; ++h) row_sum[h] = row_sum[h] * alpha[h] + sums[h];
   return false;
 }
 
@@ -584,17 +593,10 @@ __device__ __forceinline__ void half_p448(Exponent exponent, float (&sum)[2], ui
   for (int n = 0; n < 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) p448[n][e] = fast_exp2(exponent(n, e));
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float part[8];
-#pragma unroll
-    for (int n = 0; n < 8; ++n) part[n] = p448[n][2 * h] + p448[n][2 * h + 1];
-#pragma unroll
-    for (int w = 4; w >= 1; w /= 2)
-#pragma unroll
-      for (int n = 0; n < w; ++n) part[n] += part[n + w];
-    sum[h] += part[0];
-  }
+  float sums[2];
+  thread_row_sums(p448, sums);
+  sum[0] += sums[0];
+  sum[1] += sums[1];
   pack_p_e4m3(p448, pa);
 }
 
