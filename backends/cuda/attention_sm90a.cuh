@@ -1,9 +1,11 @@
 // The quantized attention kernels of the sm90a path (wgmma + TMA), instantiated by the generated
-// templates/cuda/attention_sm90a.cu.j2 translation units per head dim (FP8 e4m3 P·V only). The kernels share the
+// templates/cuda/attention_sm90a.cu.j2 translation units per head dim and P·V precision. The kernels share the
 // per-warp numerics of the mma.sync kernel (attention_common.cuh, docs/NUMERICS.md) and its tile (64 keys):
 //
 // attention_sm90_wide_kernel ("wide", the default for no mask or a LUT, with or without the stage-2 skip): the
-// serial kernel below with softmax steps of 128 keys (its comment further down).
+// serial kernel below with softmax steps of 128 keys (its comment further down). It alone also has the FP16/BF16
+// P·V form (P and the caller's V rows in the input dtype, accumulated straight into O); the other cases of that
+// precision run the sm89 path's kernel.
 //
 // attention_sm90_kernel ("serial", the default for bitmaps walked as such): one CTA = one warpgroup (4 warps)
 // computes BLOCK_Q = 64 query rows of one (batch, query head); 3 CTAs share an SM at D128 (4 at D64).
@@ -20,8 +22,7 @@
 // warpgroups (its comment below). Correct and tested, but slower than the kernel above on the H100 (bench/
 // RESULTS.md says by how much and why), so it runs only when SPARQ_SM90_KERNEL asks for it.
 //
-// The stage-2 P·V skip is decided per 16-row warp as on the other paths. Not here: FP16/BF16 P·V (the host
-// takes the sm89 kernels for it).
+// The stage-2 P·V skip is decided per 16-row warp as on the other paths.
 #pragma once
 
 #include "attention_kernel.cuh"
@@ -43,6 +44,7 @@ struct Sm90Config {
   static constexpr int kBlockQ = 64;
   static constexpr int kKeys = kBlockK;  // keys per stage (the TMA boxes)
   static constexpr int kThreads = 128;
+  static constexpr bool kV16 = false;  // e4m3 Vᵀ
   using KTile = SwizzledTile<kBlockK, D>;  // [key][channel] int8: 128B swizzle (D128) or 64B (D64)
   using VTile = SwizzledTile<D, kBlockK>;  // [channel][key] e4m3: 64B swizzle
   using QTile = SwizzledTile<kBlockQ, D>;
@@ -348,6 +350,7 @@ struct Sm90WsConfig {
   static constexpr int kBlockQ = 64 * kConsumers;
   static constexpr int kKeys = kBlockK;  // keys per stage (the TMA boxes)
   static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr bool kV16 = false;  // e4m3 Vᵀ
   using KTile = SwizzledTile<kBlockK, D>;  // [key][channel] int8
   using VTile = SwizzledTile<D, kBlockK>;  // [channel][key] e4m3
   using QTile = SwizzledTile<kBlockQ, D>;
@@ -568,26 +571,49 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
 // Pairs: a step is any two 64-key tiles of the list, in list order (LUTs of blocks of an odd number of 64-key
 // tiles): K and Vᵀ come one tile per TMA box, Vᵀ as two [D][64] tiles (64B swizzle). Otherwise a step is the
 // aligned keys [128·s, 128·s + 128), one box per operand.
-template <int D, bool Pairs = false>
+// PV: e4m3 P·V (Fp8), or P and V in the input dtype (Fp16, Bf16: V16). V16 stages hold the caller's V rows, N-major:
+// per 64 channels a [kStepKeys][64] tile of 128-byte rows with the 128B swizzle (Pairs: each tile's 64 keys, one
+// TMA box). The stage is then 48 KB at D128, so 2 CTAs share an SM there (4 at D64, as for Fp8).
+template <int D, bool Pairs = false, PVMode PV = PVMode::Fp8>
 struct Sm90WideConfig {
   static constexpr int kBlockQ = 64;
   static constexpr int kStepKeys = 2 * kBlockK;           // one softmax step
   static constexpr int kKeys = Pairs ? kBlockK : kStepKeys;  // keys per TMA box
   static constexpr int kThreads = 128;
+  static constexpr bool kV16 = PV != PVMode::Fp8;
   using KTile = SwizzledTile<kStepKeys, D>;  // [key][channel] int8
-  using VTile = SwizzledTile<D, kKeys>;      // [channel][key] e4m3: 128B swizzle (64B: Pairs, two of them)
+  using VTile = SwizzledTile<D, kKeys>;      // Fp8: [channel][key] e4m3, 128B swizzle (64B: Pairs, two of them)
   using QTile = SwizzledTile<kBlockQ, D>;
-  static constexpr int kStageBytes = KTile::kBytes + D * kStepKeys;
+  static constexpr int kVGroupBytes = kStepKeys * 128;  // V16: one 64-channel group of the step's V rows
+  static constexpr int kStageBytes = KTile::kBytes + (kV16 ? 2 : 1) * D * kStepKeys;
   static constexpr int kStages = 2;
   static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + 8 * (kStages + 1) + 1024;
-  static constexpr int kMinBlocks = D <= 64 ? 4 : 3;
+  static constexpr int kMinBlocks = kV16 ? (D <= 64 ? 3 : 2) : (D <= 64 ? 4 : 3);
+  static constexpr int kMinBlocksStage2 = kMinBlocks < 3 ? kMinBlocks : 3;  // stage 2: its counters and λ
   static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 };
 
-// P·448 of one 64-key half into its two e4m3 A fragments, and its row sums (pairwise trees) added to sum. P·448 =
-// exp2(exponent(n, e)): from masked logits, or from the accumulator in one FFMA (tile_softmax_p448).
-template <typename Exponent>
-__device__ __forceinline__ void half_p448(Exponent exponent, float (&sum)[2], uint32_t (&pa)[2][4]) {
+// P of one 64-key half as 16-bit A fragments of four 16-key chunks (keys in order; the m64k16 fragment from the
+// accumulator layout, as attention_kernel.cuh packs it for mma.sync).
+template <bool Bf16>
+__device__ __forceinline__ void pack_p_16bit(const float (&p)[8][4], uint32_t (&pa)[4][4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    pa[c][0] = pack_16bit_x2<Bf16>(p[2 * c][0], p[2 * c][1]);
+    pa[c][1] = pack_16bit_x2<Bf16>(p[2 * c][2], p[2 * c][3]);
+    pa[c][2] = pack_16bit_x2<Bf16>(p[2 * c + 1][0], p[2 * c + 1][1]);
+    pa[c][3] = pack_16bit_x2<Bf16>(p[2 * c + 1][2], p[2 * c + 1][3]);
+  }
+}
+
+// The A fragments of one 64-key half of P: two 32-key e4m3 chunks (Fp8), four 16-key 16-bit ones.
+template <PVMode PV>
+using HalfFragments = uint32_t[PV == PVMode::Fp8 ? 2 : 4][4];
+
+// P (P·448 for Fp8) of one 64-key half into its A fragments, and its row sums (pairwise trees) added to sum.
+// P = exp2(exponent(n, e)): from masked logits, or from the accumulator in one FFMA (tile_softmax_p448).
+template <PVMode PV, typename Exponent>
+__device__ __forceinline__ void half_p448(Exponent exponent, float (&sum)[2], HalfFragments<PV>& pa) {
   float p448[8][4];
 #pragma unroll
   for (int n = 0; n < 8; ++n)
@@ -597,7 +623,8 @@ __device__ __forceinline__ void half_p448(Exponent exponent, float (&sum)[2], ui
   thread_row_sums(p448, sums);
   sum[0] += sums[0];
   sum[1] += sums[1];
-  pack_p_e4m3(p448, pa);
+  if constexpr (PV == PVMode::Fp8) pack_p_e4m3(p448, pa);
+  else pack_p_16bit<PV == PVMode::Bf16>(p448, pa);
 }
 
 // SpargeAttn stage 2 for the two 64-key halves of a wide step, per warp, deciding exactly as the serial kernel does
@@ -619,14 +646,17 @@ __device__ __forceinline__ void stage2_halves(float (&max0)[2], float (&max1)[2]
 }
 
 // The stage-2 instantiation keeps 3 CTAs per SM at D64, as the serial kernel's (its counters and λ).
-template <int D, bool Stage2, bool Pairs>
-__global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90WideConfig<D>::kMinBlocks)
+template <int D, bool Stage2, bool Pairs, PVMode PV = PVMode::Fp8>
+__global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
+                                  Stage2 ? Sm90WideConfig<D, Pairs, PV>::kMinBlocksStage2
+                                         : Sm90WideConfig<D, Pairs, PV>::kMinBlocks)
     attention_sm90_wide_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ CUtensorMap q_map,
                                const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = Sm90WideConfig<D, Pairs>;
+  using Cfg = Sm90WideConfig<D, Pairs, PV>;
   using KTile = typename Cfg::KTile;
   using QTile = typename Cfg::QTile;
+  constexpr bool kV16 = Cfg::kV16;
   constexpr int kKeys = Cfg::kStepKeys;
   constexpr int kUnit = Pairs ? kBlockK : kKeys;  // the list's unit: a 64-key tile (Pairs) or a step
   constexpr int kStages = Cfg::kStages;
@@ -676,6 +706,17 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     }
     return step;
   };
+  // V of the TMA box of keys from key0 into slot `slot` (Pairs: the step's first or second tile) of the stage's V at
+  // v_dst: the transposed e4m3 rows (Fp8), or the caller's rows per 64-channel group (V16).
+  auto load_v = [&](uint32_t v_dst, uint32_t bar, int key0, int slot) {
+    if constexpr (kV16) {
+#pragma unroll
+      for (int group = 0; group < D / 64; ++group)
+        tma_load_4d(v_dst + group * Cfg::kVGroupBytes + slot * kBlockK * 128, &v_map, bar, 64 * group, key0, hkv, b);
+    } else {
+      tma_load_3d(v_dst + slot * D * kBlockK, &v_map, bar, key0, 0, kv_row);
+    }
+  };
   auto fill = [&](int stage) {
     if constexpr (Pairs) {
       const uint32_t bar = bars + 8u * stage;
@@ -690,8 +731,8 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
       mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
       tma_load_3d(k_dst, &k_map, bar, 0, first * kBlockK, kv_row);
       tma_load_3d(k_dst + kBlockK * D, &k_map, bar, 0, other * kBlockK, kv_row);
-      tma_load_3d(k_dst + KTile::kBytes, &v_map, bar, first * kBlockK, 0, kv_row);
-      tma_load_3d(k_dst + KTile::kBytes + D * kBlockK, &v_map, bar, other * kBlockK, 0, kv_row);
+      load_v(k_dst + KTile::kBytes, bar, first * kBlockK, 0);
+      load_v(k_dst + KTile::kBytes, bar, other * kBlockK, 1);
     } else {
       const int step = next_step();
       stage_step[stage] = step;
@@ -703,7 +744,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
       const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
       mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
       tma_load_3d(k_dst, &k_map, bar, 0, step * kKeys, kv_row);
-      tma_load_3d(k_dst + KTile::kBytes, &v_map, bar, step * kKeys, 0, kv_row);
+      load_v(k_dst + KTile::kBytes, bar, step * kKeys, 0);
     }
   };
   if (threadIdx.x == 0) {
@@ -777,18 +818,21 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     // the P·V itself is skipped when all four warps skip both halves.
     float tile_max[2], alpha[2], minus_shift[2];
     float sum[2] = {0.0f, 0.0f};
-    uint32_t pa[4][4];  // four 32-key chunks, keys in permuted_key order (the layout of v8t)
-    auto& pa0 = reinterpret_cast<uint32_t (&)[2][4]>(pa[0]);
-    auto& pa1 = reinterpret_cast<uint32_t (&)[2][4]>(pa[2]);
+    // The A fragments of P: Fp8 four 32-key chunks, keys in permuted_key order (the layout of v8t); V16 eight 16-key
+    // chunks, keys in order.
+    constexpr int kHalfChunks = kV16 ? 4 : 2;
+    uint32_t pa[2 * kHalfChunks][4];
+    auto& pa0 = reinterpret_cast<HalfFragments<PV>&>(pa[0]);
+    auto& pa1 = reinterpret_cast<HalfFragments<PV>&>(pa[kHalfChunks]);
     bool skip0 = false, skip1 = false;
-    auto half = [&](bool skip, uint32_t (&half_pa)[2][4], auto exponent) {
+    auto half = [&](bool skip, HalfFragments<PV>& half_pa, auto exponent) {
       if (Stage2 && skip) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c)
+        for (int c = 0; c < kHalfChunks; ++c)
 #pragma unroll
           for (int i = 0; i < 4; ++i) half_pa[c][i] = 0u;
       } else {
-        half_p448(exponent, sum, half_pa);
+        half_p448<PV>(exponent, sum, half_pa);
       }
     };
     if (Pairs ? max(pair.x, pair.y) >= mask_from || pair.y < 0 : step >= mask_from) {
@@ -811,7 +855,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
         stage2_halves(max0, max1, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total, skip0, skip1);
       tile_max[0] = fmaxf(max0[0], max1[0]);
       tile_max[1] = fmaxf(max0[1], max1[1]);
-      update_row_max<true>(tile_max, row_max, alpha, minus_shift);
+      update_row_max<!kV16>(tile_max, row_max, alpha, minus_shift);
       half(skip0, pa0, [&](int n, int e) { return s0[n][e] + minus_shift[e >> 1]; });
       half(skip1, pa1, [&](int n, int e) { return s1[n][e] + minus_shift[e >> 1]; });
     } else {
@@ -834,7 +878,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
           tile_max[h] =
               quad_max(fmaxf(thread_row_max_s32(a0, sc00, sc01, h), thread_row_max_s32(a1, sc10, sc11, h)));
       }
-      update_row_max<true>(tile_max, row_max, alpha, minus_shift);
+      update_row_max<!kV16>(tile_max, row_max, alpha, minus_shift);
       const Sm90IntToFloat to_float;
       half(skip0, pa0,
            [&](int n, int e) { return fmaf(to_float(a0[n][e]), (e & 1) ? sc01 : sc00, minus_shift[e >> 1]); });
@@ -845,30 +889,56 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
     row_sum[1] = row_sum[1] * alpha[1] + sum[1];
     if (Stage2 && __syncthreads_and(skip0 && skip1)) continue;  // uniform: the CTA is one warpgroup
 
-    // ---- tile = P · V over the 128 keys (4 e4m3 k-steps), O = O·alpha + tile -----------------------------------
-    float tile_acc[kDTiles * 4];
-    // The descriptor of 32-key chunk c: one [D][128] tile, or (Pairs) two [D][64] tiles of two chunks each (the
-    // second tile's offset in the address field, in 16-byte units; shared memory is below 2^18 bytes).
-    const uint64_t v_base = smem_descriptor<Pairs ? kBlockK : kKeys>(v_smem);
-    auto v_desc = [&](int c) -> uint64_t {
-      if constexpr (Pairs) return v_base + (c / 2) * ((D * kBlockK) >> 4) + 2 * (c % 2);
-      return v_base + 2 * c;
-    };
-    wgmma_fence();
-    if constexpr (D == 128) {
-      wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc(0));
+    if constexpr (kV16) {
+      // ---- O = O·alpha + P · V over the 128 keys (8 16-bit k-steps accumulating into O) ------------------------
+      // O is rescaled first, where some row of the warp got a new maximum (after the first steps, most do not).
+      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n128k32_rs(tile_acc, pa[c], v_desc(c), 1);
+        for (int d = 0; d < kDTiles; ++d) {
+          o[d][0] *= alpha[0];
+          o[d][1] *= alpha[0];
+          o[d][2] *= alpha[1];
+          o[d][3] *= alpha[1];
+        }
+      }
+      auto& o_acc = reinterpret_cast<float (&)[kDTiles * 4]>(o);
+      // Chunk c's 16 key rows start 16 · 128 bytes further in each 64-channel group.
+      const uint64_t v_base = smem_descriptor_n_major128(v_smem, Cfg::kVGroupBytes);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < 2 * kHalfChunks; ++c) {
+        if constexpr (D == 128) wgmma_16bit_m64n128k16_rs<PV == PVMode::Bf16>(o_acc, pa[c], v_base + c * 128);
+        else wgmma_16bit_m64n64k16_rs<PV == PVMode::Bf16>(o_acc, pa[c], v_base + c * 128);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      register_fence(o_acc);
     } else {
-      wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc(0));
+      // ---- tile = P · V over the 128 keys (4 e4m3 k-steps), O = O·alpha + tile ---------------------------------
+      float tile_acc[kDTiles * 4];
+      // The descriptor of 32-key chunk c: one [D][128] tile, or (Pairs) two [D][64] tiles of two chunks each (the
+      // second tile's offset in the address field, in 16-byte units; shared memory is below 2^18 bytes).
+      const uint64_t v_base = smem_descriptor<Pairs ? kBlockK : kKeys>(v_smem);
+      auto v_desc = [&](int c) -> uint64_t {
+        if constexpr (Pairs) return v_base + (c / 2) * ((D * kBlockK) >> 4) + 2 * (c % 2);
+        return v_base + 2 * c;
+      };
+      wgmma_fence();
+      if constexpr (D == 128) {
+        wgmma_e4m3_m64n128k32_rs_zero(tile_acc, pa[0], v_desc(0));
 #pragma unroll
-      for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n64k32_rs(tile_acc, pa[c], v_desc(c), 1);
+        for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n128k32_rs(tile_acc, pa[c], v_desc(c), 1);
+      } else {
+        wgmma_e4m3_m64n64k32_rs_zero(tile_acc, pa[0], v_desc(0));
+#pragma unroll
+        for (int c = 1; c < 4; ++c) wgmma_e4m3_m64n64k32_rs(tile_acc, pa[c], v_desc(c), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      register_fence(tile_acc);
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d) fold_tile(o[d], n_tiles(tile_acc)[d], alpha);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    register_fence(tile_acc);
-#pragma unroll
-    for (int d = 0; d < kDTiles; ++d) fold_tile(o[d], n_tiles(tile_acc)[d], alpha);
   }
 
   if constexpr (Stage2) add_stage2_counters(p, threadIdx.x % 32, pv_skipped, pv_total);
@@ -876,8 +946,13 @@ __global__ void __launch_bounds__(Sm90WideConfig<D>::kThreads, Stage2 ? 3 : Sm90
   // ---- epilogue: O / l · v_scale, LSE (as attention_kernel.cuh) -------------------------------------------------
   float inv[2];
   finish_row_sums(row_sum, inv);
-  const float* v_scale = p.v_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * D;
-  store_output_rows<kDTiles, true>(p, b, hq, warp_row0, g, t, o, inv, row_max, row_sum, v_scale, Sm90Log2Lse{});
+  if constexpr (kV16) {
+    store_output_rows<kDTiles, false>(p, b, hq, warp_row0, g, t, o, inv, row_max, row_sum, nullptr,
+                                      [](float m, float l) { return m + __log2f(l); });
+  } else {
+    const float* v_scale = p.v_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * D;
+    store_output_rows<kDTiles, true>(p, b, hq, warp_row0, g, t, o, inv, row_max, row_sum, v_scale, Sm90Log2Lse{});
+  }
 #endif
 }
 
@@ -914,19 +989,45 @@ inline bool encode_byte_tensor_map(CUtensorMap& map, const void* base, uint64_t 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The caller's V rows (fp16 or bf16: 2 bytes) as a 4-D tensor [batch][head][token][channel], read in boxes of 64
+// channels x box_keys tokens with the 128B swizzle, zero fill past the last token. The TMA needs a 16-byte aligned
+// base and strides that are multiples of 16 bytes, which the backend ensures for FP16 P·V (else V is copied);
+// false where the driver refuses the map anyway.
+inline bool encode_v16_tensor_map(CUtensorMap& map, const AttentionParams& params, int head_dim, uint32_t box_keys) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(params.tokens_k),
+                              static_cast<cuuint64_t>(params.heads_kv), static_cast<cuuint64_t>(params.batch)};
+  const cuuint64_t strides[3] = {2 * static_cast<cuuint64_t>(params.v_stride_t),
+                                 2 * static_cast<cuuint64_t>(params.v_stride_h),
+                                 2 * static_cast<cuuint64_t>(params.v_stride_b)};
+  const cuuint32_t box[4] = {64, box_keys, 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  return encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(params.v), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // Host side of a TMA kernel (configuration Cfg: kBlockQ query rows per CTA, kKeys keys per stage, kThreads,
-// kSmemBytes): encodes the tensor maps of Q8 (boxes of kBlockQ rows), K8 and Vᵀ8 (boxes of kKeys keys; Vᵀ rows of
-// 128 keys take the 128B swizzle) and launches one CTA per kBlockQ query rows of each (query head, batch).
+// kSmemBytes): encodes the tensor maps of Q8 (boxes of kBlockQ rows), K8 and V (boxes of kKeys keys: Vᵀ8, whose
+// rows of 128 keys take the 128B swizzle, or with Cfg::kV16 the caller's 16-bit rows) and launches one CTA per
+// kBlockQ query rows of each (query head, batch). A map the driver refuses runs `fallback` where there is one.
 template <typename Cfg, int D, typename Kernel>
-int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream) {
+int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream,
+                      AttentionLauncher fallback = nullptr) {
   CUtensorMap q_map, k_map, v_map;
+  bool v_encoded = false;
+  if constexpr (Cfg::kV16) v_encoded = encode_v16_tensor_map(v_map, params, D, Cfg::kKeys);
+  else
+    v_encoded = encode_byte_tensor_map(v_map, params.v8t, params.vt_stride, D,
+                                       static_cast<uint64_t>(params.batch) * params.heads_kv, Cfg::kKeys, D);
   const bool encoded =
+      v_encoded &&
       encode_byte_tensor_map(q_map, params.q8, D, params.tokens_q,
                              static_cast<uint64_t>(params.batch) * params.heads_q, D, Cfg::kBlockQ) &&
       encode_byte_tensor_map(k_map, params.k8, D, params.tokens_k,
-                             static_cast<uint64_t>(params.batch) * params.heads_kv, D, Cfg::kKeys) &&
-      encode_byte_tensor_map(v_map, params.v8t, params.vt_stride, D,
-                             static_cast<uint64_t>(params.batch) * params.heads_kv, Cfg::kKeys, D);
+                             static_cast<uint64_t>(params.batch) * params.heads_kv, D, Cfg::kKeys);
+  if (!encoded && fallback != nullptr) return fallback(params, stream);
   if (!encoded) return static_cast<int>(cudaErrorInvalidValue);
   if (const int e = allow_dynamic_smem<Cfg>(kernel); e != 0) return e;
   const dim3 grid((params.tokens_q + Cfg::kBlockQ - 1) / Cfg::kBlockQ, params.heads_q, params.batch);
@@ -942,6 +1043,23 @@ int launch_tma_kernel(Kernel kernel, const AttentionParams& params, void* stream
 inline const char* sm90_kernel_choice() {
   const char* e = std::getenv("SPARQ_SM90_KERNEL");
   return e == nullptr || *e == '\0' ? "wide" : e;
+}
+
+// FP16/BF16 P·V (PV, V16): the wide kernel only. Where it does not apply (a bitmap walked as such, another
+// SPARQ_SM90_KERNEL, a V the TMA cannot describe), `fallback` (the sm89 path's kernel of the same head dim) runs.
+template <int D, PVMode PV>
+int launch_attention_sm90_v16(const AttentionParams& params, void* stream, AttentionLauncher fallback) {
+  if (std::string_view(sm90_kernel_choice()) != "wide" || params.mask_mode == static_cast<int>(MaskMode::Bitmap))
+    return fallback(params, stream);
+  const bool stage2 = params.pv_threshold != nullptr;
+  if (params.mask_mode == static_cast<int>(MaskMode::Lut) && params.mask_tiles_k % 2 != 0) {
+    using Cfg = Sm90WideConfig<D, true, PV>;
+    return stage2 ? launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, true, true, PV>, params, stream, fallback)
+                  : launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, false, true, PV>, params, stream, fallback);
+  }
+  using Cfg = Sm90WideConfig<D, false, PV>;
+  return stage2 ? launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, true, false, PV>, params, stream, fallback)
+                : launch_tma_kernel<Cfg, D>(attention_sm90_wide_kernel<D, false, false, PV>, params, stream, fallback);
 }
 
 template <int D>

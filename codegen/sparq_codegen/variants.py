@@ -71,15 +71,17 @@ def cuda_variants(cfg: Config):
             for pv in pvs:
                 out.append(Variant("cuda", "attention", "cuda/attention.cu.j2",
                                    (("arch", arch), ("head_dim", d), ("pv", pv))))
-    # The wgmma path (backends/cuda/attention_sm90a.cuh): FP8 e4m3 P·V, head dims 64 and 128 (the m64nDk32 P·V
-    # accumulator of D = 256 would not fit the registers). Its arch parameter reads "sm_90" because the registry
-    # stores the arch as the number after "sm_"; backends/cuda/meson.build compiles the "sm90" path for
-    # compute_90a / sm_90a (the architecture-specific wgmma). FP16/BF16 P·V stays on sm89.
+    # The wgmma path (backends/cuda/attention_sm90a.cuh): FP8 e4m3 and FP16/BF16 P·V, head dims 64 and 128 (the
+    # m64nD P·V accumulator of D = 256 would not fit the registers). Its arch parameter reads "sm_90" because the
+    # registry stores the arch as the number after "sm_"; backends/cuda/meson.build compiles the "sm90" path for
+    # compute_90a / sm_90a (the architecture-specific wgmma). Its FP16 variants fall back to the sm89 ones (a
+    # bitmap walked as such, SPARQ_SM90_KERNEL other than "wide").
     if "sm_90a" in cfg.cuda_archs:
         for d in cfg.head_dims:
             if d in (64, 128):
-                out.append(Variant("cuda", "attention", "cuda/attention_sm90a.cu.j2",
-                                   (("arch", "sm_90"), ("head_dim", d), ("pv", "fp8"))))
+                for pv in ("fp16", "fp8"):
+                    out.append(Variant("cuda", "attention", "cuda/attention_sm90a.cu.j2",
+                                       (("arch", "sm_90"), ("head_dim", d), ("pv", pv))))
     return out
 
 
