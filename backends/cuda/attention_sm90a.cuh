@@ -825,6 +825,8 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
     auto& pa0 = reinterpret_cast<HalfFragments<PV>&>(pa[0]);
     auto& pa1 = reinterpret_cast<HalfFragments<PV>&>(pa[kHalfChunks]);
     bool skip0 = false, skip1 = false;
+    // V16: half 1's exponents (logit − shift), so that its exponentials run after half 0's P·V is issued.
+    float e1[8][4];
     auto half = [&](bool skip, HalfFragments<PV>& half_pa, auto exponent) {
       if (Stage2 && skip) {
 #pragma unroll
@@ -857,7 +859,14 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       tile_max[1] = fmaxf(max0[1], max1[1]);
       update_row_max<!kV16>(tile_max, row_max, alpha, minus_shift);
       half(skip0, pa0, [&](int n, int e) { return s0[n][e] + minus_shift[e >> 1]; });
-      half(skip1, pa1, [&](int n, int e) { return s1[n][e] + minus_shift[e >> 1]; });
+      if constexpr (kV16) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) e1[n][e] = s1[n][e] + minus_shift[e >> 1];
+      } else {
+        half(skip1, pa1, [&](int n, int e) { return s1[n][e] + minus_shift[e >> 1]; });
+      }
     } else {
       const int (&a0)[8][4] = n_tiles(acc0);
       const int (&a1)[8][4] = n_tiles(acc1);
@@ -882,16 +891,22 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       const Sm90IntToFloat to_float;
       half(skip0, pa0,
            [&](int n, int e) { return fmaf(to_float(a0[n][e]), (e & 1) ? sc01 : sc00, minus_shift[e >> 1]); });
-      half(skip1, pa1,
-           [&](int n, int e) { return fmaf(to_float(a1[n][e]), (e & 1) ? sc11 : sc10, minus_shift[e >> 1]); });
+      if constexpr (kV16) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) e1[n][e] = fmaf(to_float(a1[n][e]), (e & 1) ? sc11 : sc10, minus_shift[e >> 1]);
+      } else {
+        half(skip1, pa1,
+             [&](int n, int e) { return fmaf(to_float(a1[n][e]), (e & 1) ? sc11 : sc10, minus_shift[e >> 1]); });
+      }
     }
-    row_sum[0] = row_sum[0] * alpha[0] + sum[0];
-    row_sum[1] = row_sum[1] * alpha[1] + sum[1];
-    if (Stage2 && __syncthreads_and(skip0 && skip1)) continue;  // uniform: the CTA is one warpgroup
 
     if constexpr (kV16) {
+      if (Stage2 && __syncthreads_and(skip0 && skip1)) continue;  // uniform; the row sums stay as they are
       // ---- O = O·alpha + P · V over the 128 keys (8 16-bit k-steps accumulating into O) ------------------------
       // O is rescaled first, where some row of the warp got a new maximum (after the first steps, most do not).
+      // Half 0's P·V is issued before half 1's exponentials, which then run beside it on the tensor cores.
       if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) {
@@ -904,16 +919,28 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       auto& o_acc = reinterpret_cast<float (&)[kDTiles * 4]>(o);
       // Chunk c's 16 key rows start 16 · 128 bytes further in each 64-channel group.
       const uint64_t v_base = smem_descriptor_n_major128(v_smem, Cfg::kVGroupBytes);
-      wgmma_fence();
+      auto issue_pv_half = [&](int half_index) {
+        wgmma_fence();
 #pragma unroll
-      for (int c = 0; c < 2 * kHalfChunks; ++c) {
-        if constexpr (D == 128) wgmma_16bit_m64n128k16_rs<PV == PVMode::Bf16>(o_acc, pa[c], v_base + c * 128);
-        else wgmma_16bit_m64n64k16_rs<PV == PVMode::Bf16>(o_acc, pa[c], v_base + c * 128);
-      }
-      wgmma_commit();
+        for (int c = half_index * kHalfChunks; c < (half_index + 1) * kHalfChunks; ++c) {
+          if constexpr (D == 128) wgmma_16bit_m64n128k16_rs<PV == PVMode::Bf16>(o_acc, pa[c], v_base + c * 128);
+          else wgmma_16bit_m64n64k16_rs<PV == PVMode::Bf16>(o_acc, pa[c], v_base + c * 128);
+        }
+        wgmma_commit();
+      };
+      issue_pv_half(0);
+      half(skip1, pa1, [&](int n, int e) { return e1[n][e]; });
+      issue_pv_half(1);
+      row_sum[0] = row_sum[0] * alpha[0] + sum[0];
+      row_sum[1] = row_sum[1] * alpha[1] + sum[1];
       wgmma_wait<0>();
       register_fence(o_acc);
+      register_fence(pa);  // the P·V read pa until here: its registers stay pa's
     } else {
+      row_sum[0] = row_sum[0] * alpha[0] + sum[0];
+      row_sum[1] = row_sum[1] * alpha[1] + sum[1];
+      if (Stage2 && __syncthreads_and(skip0 && skip1)) continue;  // uniform: the CTA is one warpgroup
+
       // ---- tile = P · V over the 128 keys (4 e4m3 k-steps), O = O·alpha + tile ---------------------------------
       float tile_acc[kDTiles * 4];
       // The descriptor of 32-key chunk c: one [D][128] tile, or (Pairs) two [D][64] tiles of two chunks each (the
