@@ -571,9 +571,10 @@ __global__ void __launch_bounds__(Sm90WsConfig<D>::kThreads, 1)
 // Pairs: a step is any two 64-key tiles of the list, in list order (LUTs of blocks of an odd number of 64-key
 // tiles): K and Vᵀ come one tile per TMA box, Vᵀ as two [D][64] tiles (64B swizzle). Otherwise a step is the
 // aligned keys [128·s, 128·s + 128), one box per operand.
-// PV: e4m3 P·V (Fp8), or P and V in the input dtype (Fp16, Bf16: V16). V16 stages hold the caller's V rows, N-major:
-// per 64 channels a [kStepKeys][64] tile of 128-byte rows with the 128B swizzle (Pairs: each tile's 64 keys, one
-// TMA box). The stage is then 48 KB at D128, so 2 CTAs share an SM there (4 at D64, as for Fp8).
+// PV: e4m3 P·V (Fp8), or P and V in the input dtype (Fp16, Bf16: V16). V16 holds the caller's V rows, N-major: per
+// 64 channels a [kStepKeys][64] tile of 128-byte rows with the 128B swizzle (Pairs: each tile's 64 keys, one TMA
+// box). At D128 that is 32 KB per step: two stages of K and V would leave room for 2 CTAs per SM, so K keeps its two
+// stages and V has one buffer (kSingleV), loaded at the top of its step once the previous P·V is done; 3 CTAs fit.
 template <int D, bool Pairs = false, PVMode PV = PVMode::Fp8>
 struct Sm90WideConfig {
   static constexpr int kBlockQ = 64;
@@ -585,11 +586,15 @@ struct Sm90WideConfig {
   using VTile = SwizzledTile<D, kKeys>;      // Fp8: [channel][key] e4m3, 128B swizzle (64B: Pairs, two of them)
   using QTile = SwizzledTile<kBlockQ, D>;
   static constexpr int kVGroupBytes = kStepKeys * 128;  // V16: one 64-channel group of the step's V rows
-  static constexpr int kStageBytes = KTile::kBytes + (kV16 ? 2 : 1) * D * kStepKeys;
+  static constexpr int kVBytes = (kV16 ? 2 : 1) * D * kStepKeys;
+  static constexpr bool kSingleV = kV16 && D == 128;
+  static constexpr int kStageBytes = KTile::kBytes + (kSingleV ? 0 : kVBytes);
   static constexpr int kStages = 2;
-  static constexpr int kSmemBytes = kStages * kStageBytes + QTile::kBytes + 8 * (kStages + 1) + 1024;
-  static constexpr int kMinBlocks = kV16 ? (D <= 64 ? 3 : 2) : (D <= 64 ? 4 : 3);
-  static constexpr int kMinBlocksStage2 = kMinBlocks < 3 ? kMinBlocks : 3;  // stage 2: its counters and λ
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes + (kSingleV ? kVBytes : 0) + QTile::kBytes + 8 * (kStages + (kSingleV ? 2 : 1)) + 1024;
+  // V16 at D64 takes 146-168 registers: 3 CTAs. Stage 2 at D128 V16 would spill at 3 (its counters and λ): 2.
+  static constexpr int kMinBlocks = D <= 64 ? (kV16 ? 3 : 4) : 3;
+  static constexpr int kMinBlocksStage2 = kV16 && D == 128 ? 2 : 3;
   static_assert(kStageBytes % 1024 == 0 && QTile::kBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 };
 
@@ -684,9 +689,12 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
   }
 
   const uint32_t smem_base = (smem_address(smem) + 1023u) & ~1023u;
-  const uint32_t q_smem = smem_base + kStages * Cfg::kStageBytes;
-  const uint32_t bars = q_smem + QTile::kBytes;  // full[stage] at bars + 8·stage, Q's at bars + 8·kStages
+  const uint32_t single_v = smem_base + kStages * Cfg::kStageBytes;  // kSingleV: V's buffer
+  const uint32_t q_smem = single_v + (Cfg::kSingleV ? Cfg::kVBytes : 0);
+  // full[stage] at bars + 8·stage, Q's at bars + 8·kStages, kSingleV: V's at bars + 8·(kStages + 1).
+  const uint32_t bars = q_smem + QTile::kBytes;
   const uint32_t q_bar = bars + 8u * kStages;
+  const uint32_t v_bar = q_bar + 8u;
   const int kv_row = b * p.heads_kv + hkv;
   // Thread 0 walks the step list kStages - 1 steps ahead and fills the stages: it records each stage's step in
   // stage_step (-1: the list is done, the stage's barrier completes with no bytes; Pairs: its two tiles, the second
@@ -731,8 +739,10 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
       tma_load_3d(k_dst, &k_map, bar, 0, first * kBlockK, kv_row);
       tma_load_3d(k_dst + kBlockK * D, &k_map, bar, 0, other * kBlockK, kv_row);
-      load_v(k_dst + KTile::kBytes, bar, first * kBlockK, 0);
-      load_v(k_dst + KTile::kBytes, bar, other * kBlockK, 1);
+      if constexpr (!Cfg::kSingleV) {
+        load_v(k_dst + KTile::kBytes, bar, first * kBlockK, 0);
+        load_v(k_dst + KTile::kBytes, bar, other * kBlockK, 1);
+      }
     } else {
       const int step = next_step();
       stage_step[stage] = step;
@@ -744,11 +754,11 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       const uint32_t k_dst = smem_base + stage * Cfg::kStageBytes;
       mbarrier_arrive_expect_tx(bar, Cfg::kStageBytes);
       tma_load_3d(k_dst, &k_map, bar, 0, step * kKeys, kv_row);
-      load_v(k_dst + KTile::kBytes, bar, step * kKeys, 0);
+      if constexpr (!Cfg::kSingleV) load_v(k_dst + KTile::kBytes, bar, step * kKeys, 0);
     }
   };
   if (threadIdx.x == 0) {
-    for (int s = 0; s <= kStages; ++s) mbarrier_init(bars + 8u * s, 1);
+    for (int s = 0; s <= kStages + (Cfg::kSingleV ? 1 : 0); ++s) mbarrier_init(bars + 8u * s, 1);
     fence_mbarrier_init();
     mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
     tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
@@ -785,9 +795,20 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       step = stage_step[stage];
       if (step < 0) break;
     }
-    if (threadIdx.x == 0) fill((it + kStages - 1) % kStages);
+    if (threadIdx.x == 0) {
+      fill((it + kStages - 1) % kStages);
+      if constexpr (Cfg::kSingleV) {  // this step's V, into the buffer the previous P·V has finished with
+        mbarrier_arrive_expect_tx(v_bar, Cfg::kVBytes);
+        if constexpr (Pairs) {
+          load_v(single_v, v_bar, pair.x * kBlockK, 0);
+          load_v(single_v, v_bar, (pair.y < 0 ? pair.x : pair.y) * kBlockK, 1);
+        } else {
+          load_v(single_v, v_bar, step * kKeys, 0);
+        }
+      }
+    }
     const uint32_t k_smem = smem_base + stage * Cfg::kStageBytes;
-    const uint32_t v_smem = k_smem + KTile::kBytes;
+    const uint32_t v_smem = Cfg::kSingleV ? single_v : k_smem + KTile::kBytes;
 
     // ---- S = Q8 · K8ᵀ as two 64 x 64 halves (s32), one commit group ---------------------------------------------
     int acc0[32], acc1[32];
@@ -903,6 +924,8 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
     }
 
     if constexpr (kV16) {
+      // kSingleV: every thread waits for each step's V, used or not, so that the barrier's phases stay in step.
+      if constexpr (Cfg::kSingleV) mbarrier_wait(v_bar, it & 1);
       if (Stage2 && __syncthreads_and(skip0 && skip1)) continue;  // uniform; the row sums stay as they are
       // ---- O = O·alpha + P · V over the 128 keys (8 16-bit k-steps accumulating into O) ------------------------
       // O is rescaled first, where some row of the warp got a new maximum (after the first steps, most do not).
