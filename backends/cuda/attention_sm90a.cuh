@@ -632,12 +632,38 @@ __device__ __forceinline__ void half_p448(Exponent exponent, float (&sum)[2], Ha
   else pack_p_16bit<PV == PVMode::Bf16>(p448, pa);
 }
 
+// The stage-2 instantiation of the wide kernel needs registers of its own (λ, its decisions). It keeps in shared
+// memory what its loop only reads or counts once per step: each warp's counters and first masked step, and thread
+// 0's place in the list. In registers they made the D128 instantiation spill at 3 CTAs per SM. A function-scope
+// variable, so that only the kernels that call this allocate it.
+struct Stage2Shared {
+  struct Warp {
+    unsigned skipped, total;
+    int mask_from;
+  } warps[4];
+  int block_at, part;
+};
+__device__ __forceinline__ Stage2Shared& stage2_shared() {
+  __shared__ Stage2Shared shared;
+  return shared;
+}
+
+// A warp's stage-2 counter in shared memory (for stage2_skips_tile): lane 0 counts for the warp.
+struct SharedCount {
+  unsigned* slot;
+  __device__ __forceinline__ void operator++() {
+    if (threadIdx.x % 32 == 0) ++*slot;
+  }
+};
+
 // SpargeAttn stage 2 for the two 64-key halves of a wide step, per warp, deciding exactly as the serial kernel does
 // per tile (stage2_skips_tile): half 0 against the running max, half 1 against the running max after half 0. A
-// skipped half's maxima become -inf, so that it adds nothing to the step's max.
+// skipped half's maxima become -inf, so that it adds nothing to the step's max. Counts into stage2_shared().
 __device__ __forceinline__ void stage2_halves(float (&max0)[2], float (&max1)[2], const float (&row_max)[2],
-                                              float pv_lambda, int warp_row0, int g, int tokens_q,
-                                              unsigned& pv_skipped, unsigned& pv_total, bool& skip0, bool& skip1) {
+                                              float pv_lambda, int warp_row0, int g, int tokens_q, bool& skip0,
+                                              bool& skip1) {
+  Stage2Shared::Warp& counts = stage2_shared().warps[threadIdx.x / 32];
+  SharedCount pv_skipped{&counts.skipped}, pv_total{&counts.total};
   skip0 = stage2_skips_tile(max0, row_max, pv_lambda, warp_row0, g, tokens_q, pv_skipped, pv_total);
   float after0[2];
 #pragma unroll
@@ -702,8 +728,8 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
   // threads' reads after their wait.
   __shared__ int stage_step[kStages];
   __shared__ int2 stage_tiles[Pairs ? kStages : 1];
-  int block_at = 0, part = 0;  // thread 0's place in the list
-  auto next_step = [&]() {
+  int block_at = 0, part = 0;  // thread 0's place in the list (Stage2: in stage2_shared())
+  auto walk = [&](int& block_at, int& part) {
     if (block_at >= blocks) return -1;
     const int block = lut != nullptr ? __ldg(lut + block_at) : block_at;
     const int step = block * per_block + part;
@@ -713,6 +739,10 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       ++block_at;
     }
     return step;
+  };
+  auto next_step = [&]() {
+    if constexpr (Stage2) return walk(stage2_shared().block_at, stage2_shared().part);
+    else return walk(block_at, part);
   };
   // V of the TMA box of keys from key0 into slot `slot` (Pairs: the step's first or second tile) of the stage's V at
   // v_dst: the transposed e4m3 rows (Fp8), or the caller's rows per 64-channel group (V16).
@@ -760,6 +790,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
   if (threadIdx.x == 0) {
     for (int s = 0; s <= kStages + (Cfg::kSingleV ? 1 : 0); ++s) mbarrier_init(bars + 8u * s, 1);
     fence_mbarrier_init();
+    if constexpr (Stage2) stage2_shared().block_at = stage2_shared().part = 0;
     mbarrier_arrive_expect_tx(q_bar, QTile::kBytes);
     tma_load_3d(q_smem, &q_map, q_bar, 0, q0, b * p.heads_q + hq);
     for (int s = 0; s < kStages - 1; ++s) fill(s);
@@ -768,7 +799,13 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
 
   const float q_scale = load_q_scale(p, b, hq, q0, warp_row0, g, steps);
   const float* k_scale = p.k_scale + (static_cast<int64_t>(b) * p.heads_kv + hkv) * p.k_groups;
-  const int mask_from = first_masked_tile<kUnit>(p, warp_row0, causal_offset);
+  const int warp_mask_from = first_masked_tile<kUnit>(p, warp_row0, causal_offset);
+  if constexpr (Stage2)  // read after the loop's first barrier
+    if (threadIdx.x % 32 == 0) stage2_shared().warps[threadIdx.x / 32] = Stage2Shared::Warp{0, 0, warp_mask_from};
+  auto mask_from = [&]() {
+    if constexpr (Stage2) return stage2_shared().warps[threadIdx.x / 32].mask_from;
+    else return warp_mask_from;
+  };
   mbarrier_wait(q_bar, 0);
   const uint64_t q_desc = smem_descriptor<D>(q_smem);
 
@@ -778,7 +815,6 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this thread's partial sums of P·448
   const float pv_lambda = Stage2 ? p.pv_threshold[hq] : 0.0f;
-  unsigned pv_skipped = 0, pv_total = 0;  // stage-2 statistics of this warp
 
   for (int it = 0;; ++it) {
     const int stage = it % kStages;
@@ -858,7 +894,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
         half_p448<PV>(exponent, sum, half_pa);
       }
     };
-    if (Pairs ? max(pair.x, pair.y) >= mask_from || pair.y < 0 : step >= mask_from) {
+    if (Pairs ? max(pair.x, pair.y) >= mask_from() || pair.y < 0 : step >= mask_from()) {
       float s0[8][4], s1[8][4], max0[2], max1[2];
       dequantize_logits<Sm90IntToFloat>(n_tiles(acc0), sc00, sc01, s0);
       dequantize_logits<Sm90IntToFloat>(n_tiles(acc1), sc10, sc11, s1);
@@ -875,7 +911,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       tile_row_max(s0, max0);
       tile_row_max(s1, max1);
       if constexpr (Stage2)
-        stage2_halves(max0, max1, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total, skip0, skip1);
+        stage2_halves(max0, max1, row_max, pv_lambda, warp_row0, g, p.tokens_q, skip0, skip1);
       tile_max[0] = fmaxf(max0[0], max1[0]);
       tile_max[1] = fmaxf(max0[1], max1[1]);
       update_row_max<!kV16>(tile_max, row_max, alpha, minus_shift);
@@ -898,7 +934,7 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
           max0[h] = quad_max(thread_row_max_s32(a0, sc00, sc01, h));
           max1[h] = quad_max(thread_row_max_s32(a1, sc10, sc11, h));
         }
-        stage2_halves(max0, max1, row_max, pv_lambda, warp_row0, g, p.tokens_q, pv_skipped, pv_total, skip0, skip1);
+        stage2_halves(max0, max1, row_max, pv_lambda, warp_row0, g, p.tokens_q, skip0, skip1);
         tile_max[0] = fmaxf(max0[0], max1[0]);
         tile_max[1] = fmaxf(max0[1], max1[1]);
       } else {
@@ -991,7 +1027,10 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
     }
   }
 
-  if constexpr (Stage2) add_stage2_counters(p, threadIdx.x % 32, pv_skipped, pv_total);
+  if constexpr (Stage2) {
+    const Stage2Shared::Warp& counts = stage2_shared().warps[threadIdx.x / 32];
+    add_stage2_counters(p, threadIdx.x % 32, counts.skipped, counts.total);
+  }
 
   // ---- epilogue: O / l · v_scale, LSE (as attention_kernel.cuh) -------------------------------------------------
   float inv[2];
