@@ -105,6 +105,9 @@ class CudaBackend final : public BackendImpl {
     if (sparge_ws_) cudaFree(sparge_ws_);
     for (cudaEvent_t e : events_)
       if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : q_events_)
+      if (e) cudaEventDestroy(e);
+    if (q_stream_) cudaStreamDestroy(q_stream_);
     cudaSetDevice(previous);
   }
 
@@ -227,6 +230,9 @@ class CudaBackend final : public BackendImpl {
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
   cudaEvent_t events_[3] = {nullptr, nullptr, nullptr};
+  // The Q pass's own stream, for short sequences (attention(), made on first use): fork and join events.
+  cudaStream_t q_stream_ = nullptr;
+  cudaEvent_t q_events_[2] = {nullptr, nullptr};
   void* sparge_ws_ = nullptr;
   std::size_t sparge_ws_bytes_ = 0;
 };
@@ -638,9 +644,26 @@ void CudaBackend::attention(const AttentionProblem& p) {
               "cudaMemcpy2DAsync (V rows to 16-byte aligned workspace)");
   }
   // With no keys there is nothing to quantize: the kernel writes O = 0 and LSE = -inf.
+  // The K/V statistics pass has fewer than two CTAs per SM on short sequences (one split of up to 1024 keys per
+  // head), so the Q pass, which does not depend on it unless it needs the K mean, runs beside it on its own stream.
+  const bool q_beside = Nk > 0 && !want_q_km && !predict &&
+                        int64_t(pre.splits) * B * Hkv < 2 * int64_t(prop_.multiProcessorCount) &&
+                        !(std::getenv("SPARQ_CUDA_Q_BESIDE") && std::string(std::getenv("SPARQ_CUDA_Q_BESIDE")) == "0");
+  if (q_beside) {
+    if (!q_stream_) {
+      check(cudaStreamCreateWithFlags(&q_stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+      for (cudaEvent_t& e : q_events_) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    }
+    check(cudaEventRecord(q_events_[0], stream_), "cudaEventRecord (fork)");
+    check(cudaStreamWaitEvent(q_stream_, q_events_[0], 0), "cudaStreamWaitEvent (fork)");
+  }
   if (Nk > 0) {
-    if (const int e = cuda::launch_preprocess(pre, stream_); e != 0)
+    if (const int e = cuda::launch_preprocess(pre, stream_, q_beside ? q_stream_ : nullptr); e != 0)
       cuda_fail(static_cast<cudaError_t>(e), "launching the preprocessing kernels");
+  }
+  if (q_beside) {
+    check(cudaEventRecord(q_events_[1], q_stream_), "cudaEventRecord (join)");
+    check(cudaStreamWaitEvent(stream_, q_events_[1], 0), "cudaStreamWaitEvent (join)");
   }
   if (predict) {
     if (const int e = cuda::launch_sparge_select(*predict, stream_); e != 0)

@@ -755,7 +755,7 @@ __global__ void __launch_bounds__(kThreads, quantize_q_ctas<Bf16, D, Pool>()) qu
 }
 
 template <bool Bf16, int D, bool Gather, bool Pool>
-cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
+cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream, cudaStream_t q_stream) {
   constexpr int rows = kThreads / (D / 8);
   if (p.smooth_k || p.fp8_v || Pool) {
     const dim3 grid(p.splits, p.batch * p.heads_kv);
@@ -772,7 +772,7 @@ cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
   }
   {
     const dim3 grid((p.tokens_q + kBlockQ - 1) / kBlockQ, p.batch * p.heads_q);
-    quantize_q_kernel<Bf16, D, Gather, Pool><<<grid, kThreads, 0, stream>>>(p);
+    quantize_q_kernel<Bf16, D, Gather, Pool><<<grid, kThreads, 0, q_stream>>>(p);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -780,21 +780,21 @@ cudaError_t launch_all(const PreprocessParams& p, cudaStream_t stream) {
 
 // Stage 1's pooling (p.pool.k_raw set) is built for the predictor's head dims 64, 128 and 256.
 template <bool Bf16, bool Gather>
-cudaError_t launch_for_dim(const PreprocessParams& p, cudaStream_t stream) {
+cudaError_t launch_for_dim(const PreprocessParams& p, cudaStream_t stream, cudaStream_t q) {
   const bool pool = p.pool.k_raw != nullptr;
   switch (p.head_dim) {
-    case 32: return pool ? cudaErrorInvalidValue : launch_all<Bf16, 32, Gather, false>(p, stream);
-    case 64: return pool ? launch_all<Bf16, 64, Gather, true>(p, stream) : launch_all<Bf16, 64, Gather, false>(p, stream);
-    case 128: return pool ? launch_all<Bf16, 128, Gather, true>(p, stream) : launch_all<Bf16, 128, Gather, false>(p, stream);
-    case 256: return pool ? launch_all<Bf16, 256, Gather, true>(p, stream) : launch_all<Bf16, 256, Gather, false>(p, stream);
+    case 32: return pool ? cudaErrorInvalidValue : launch_all<Bf16, 32, Gather, false>(p, stream, q);
+    case 64: return pool ? launch_all<Bf16, 64, Gather, true>(p, stream, q) : launch_all<Bf16, 64, Gather, false>(p, stream, q);
+    case 128: return pool ? launch_all<Bf16, 128, Gather, true>(p, stream, q) : launch_all<Bf16, 128, Gather, false>(p, stream, q);
+    case 256: return pool ? launch_all<Bf16, 256, Gather, true>(p, stream, q) : launch_all<Bf16, 256, Gather, false>(p, stream, q);
     default: return cudaErrorInvalidValue;  // the runtime only builds power-of-two head dims 32..256
   }
 }
 
 template <bool Bf16>
-cudaError_t launch_preprocess_typed(const PreprocessParams& p, cudaStream_t stream) {
+cudaError_t launch_preprocess_typed(const PreprocessParams& p, cudaStream_t stream, cudaStream_t q_stream) {
   const bool gather = p.q.rows != nullptr || p.k.rows != nullptr || p.v.rows != nullptr;
-  return gather ? launch_for_dim<Bf16, true>(p, stream) : launch_for_dim<Bf16, false>(p, stream);
+  return gather ? launch_for_dim<Bf16, true>(p, stream, q_stream) : launch_for_dim<Bf16, false>(p, stream, q_stream);
 }
 
 }  // namespace
@@ -848,9 +848,12 @@ int launch_bitmap_to_lut(const uint8_t* bits, int64_t rows, int blocks_k, int32_
   return static_cast<int>(cudaGetLastError());
 }
 
-int launch_preprocess(const PreprocessParams& params, void* stream) {
+int launch_preprocess(const PreprocessParams& params, void* stream, void* q_stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return static_cast<int>(params.in_bf16 ? launch_preprocess_typed<true>(params, s) : launch_preprocess_typed<false>(params, s));
+  const cudaStream_t q = q_stream != nullptr ? static_cast<cudaStream_t>(q_stream) : s;
+  if (q != s && (params.want_q_km || params.pool.k_raw != nullptr)) return static_cast<int>(cudaErrorInvalidValue);
+  return static_cast<int>(params.in_bf16 ? launch_preprocess_typed<true>(params, s, q)
+                                         : launch_preprocess_typed<false>(params, s, q));
 }
 
 }  // namespace sparq::cuda

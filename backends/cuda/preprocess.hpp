@@ -71,8 +71,10 @@ int k_scale_groups(int tokens_k, int granularity);
 // How many token ranges the K/V statistics pass splits each (batch, kv head) into.
 int stats_splits(int tokens_k);
 
-// Enqueues the preprocessing kernels on `stream` (a cudaStream_t); returns a cudaError_t as an int.
-int launch_preprocess(const PreprocessParams& params, void* stream);
+// Enqueues the preprocessing kernels on `stream` (a cudaStream_t); returns a cudaError_t as an int. With q_stream
+// set, the Q pass goes there instead (the caller orders it after earlier work on `stream` and before the
+// attention); it must not need the K mean (want_q_km) or pool (pool.k_raw).
+int launch_preprocess(const PreprocessParams& params, void* stream, void* q_stream = nullptr);
 
 // A bitmap block mask [rows][blocks_k] (bytes, nonzero = computed) as the LUT the kernels walk: counts[rows] and
 // indices[rows][blocks_k] (ascending, only the first counts[row] written). The kernels walk a LUT with the next
