@@ -646,9 +646,11 @@ void CudaBackend::attention(const AttentionProblem& p) {
   // With no keys there is nothing to quantize: the kernel writes O = 0 and LSE = -inf.
   // The K/V statistics pass has fewer than two CTAs per SM on short sequences (one split of up to 1024 keys per
   // head), so the Q pass, which does not depend on it unless it needs the K mean, runs beside it on its own stream.
+  // SPARQ_CUDA_Q_BESIDE=0 keeps one stream (both orders stay testable).
+  const char* q_beside_env = std::getenv("SPARQ_CUDA_Q_BESIDE");
   const bool q_beside = Nk > 0 && !want_q_km && !predict &&
                         int64_t(pre.splits) * B * Hkv < 2 * int64_t(prop_.multiProcessorCount) &&
-                        !(std::getenv("SPARQ_CUDA_Q_BESIDE") && std::string(std::getenv("SPARQ_CUDA_Q_BESIDE")) == "0");
+                        !(q_beside_env && std::string(q_beside_env) == "0");
   if (q_beside) {
     if (!q_stream_) {
       check(cudaStreamCreateWithFlags(&q_stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
