@@ -370,6 +370,20 @@ __device__ __forceinline__ void pack_p_e4m3(const float (&s)[8][4], uint32_t (&p
 }
 #endif
 
+// O = O·alpha before FP16 P·V accumulates into O in the MMA, only where some row of the warp got a new maximum
+// (after the first tiles, most do not): the check is warp-uniform.
+template <int DTiles>
+__device__ __forceinline__ void rescale_o_on_new_max(float (&o)[DTiles][4], const float (&alpha)[2]) {
+  if (!__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) return;
+#pragma unroll
+  for (int d = 0; d < DTiles; ++d) {
+    o[d][0] *= alpha[0];
+    o[d][1] *= alpha[0];
+    o[d][2] *= alpha[1];
+    o[d][3] *= alpha[1];
+  }
+}
+
 // O = O·alpha + tile for one n-tile of O (the two-level accumulation of e4m3 P·V).
 __device__ __forceinline__ void fold_tile(float (&o)[4], const float (&tile)[4], const float (&alpha)[2]) {
   o[0] = fmaf(o[0], alpha[0], tile[0]);

@@ -200,17 +200,9 @@ __global__ void __launch_bounds__(AttentionConfig<D, PV, Warps>::kThreads, Atten
       continue;
     float alpha[2];
     online_softmax_update<kFp8>(s, tile_max, row_max, row_sum, alpha);
-    // FP16 P·V accumulates into O in the MMA, so O is rescaled first, and only when some row of the warp got a
-    // new maximum (most tiles, after the first few, do not). FP8 P·V folds it into O = O·alpha + tile below.
-    if (!kFp8 && __any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-      for (int d = 0; d < kDTiles; ++d) {
-        o[d][0] *= alpha[0];
-        o[d][1] *= alpha[0];
-        o[d][2] *= alpha[1];
-        o[d][3] *= alpha[1];
-      }
-    }
+    // FP16 P·V accumulates into O in the MMA, so O is rescaled first. FP8 P·V folds it into O = O·alpha + tile
+    // below.
+    if constexpr (!kFp8) rescale_o_on_new_max(o, alpha);
 
     // ---- O += P · V ---------------------------------------------------------------------------------------------
     if constexpr (kFp8) {

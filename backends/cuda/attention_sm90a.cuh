@@ -964,17 +964,9 @@ __global__ void __launch_bounds__(Sm90WideConfig<D, Pairs, PV>::kThreads,
       if constexpr (Cfg::kSingleV) mbarrier_wait(v_bar, it & 1);
       if (Stage2 && __syncthreads_and(skip0 && skip1)) continue;  // uniform; the row sums stay as they are
       // ---- O = O·alpha + P · V over the 128 keys (8 16-bit k-steps accumulating into O) ------------------------
-      // O is rescaled first, where some row of the warp got a new maximum (after the first steps, most do not).
-      // Half 0's P·V is issued before half 1's exponentials, which then run beside it on the tensor cores.
-      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-        for (int d = 0; d < kDTiles; ++d) {
-          o[d][0] *= alpha[0];
-          o[d][1] *= alpha[0];
-          o[d][2] *= alpha[1];
-          o[d][3] *= alpha[1];
-        }
-      }
+      // O is rescaled first. Half 0's P·V is issued before half 1's exponentials, which then run beside it on the
+      // tensor cores.
+      rescale_o_on_new_max(o, alpha);
       auto& o_acc = reinterpret_cast<float (&)[kDTiles * 4]>(o);
       // Chunk c's 16 key rows start 16 · 128 bytes further in each 64-channel group.
       const uint64_t v_base = smem_descriptor_n_major128(v_smem, Cfg::kVGroupBytes);
